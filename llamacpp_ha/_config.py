@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["BackendConfig", "BalancerConfig", "PolicyName"]
+
+PolicyName = Literal["affinity", "least_busy", "round_robin"]
+
+
+class BackendConfig(BaseModel):
+    """One llama-server the balancer may send requests to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    """Base URL of the llama-server, e.g. ``http://gpu-1:8080``. A path prefix is kept."""
+    name: str = ""
+    """Shown in logs, snapshots and the ``x-llamacpp-ha-backend`` header; defaults to ``host:port``."""
+    api_key: SecretStr | None = None
+    """Sent as ``Authorization: Bearer`` on polls and forwarded requests (llama-server ``--api-key``)."""
+    capacity: int | None = Field(default=None, ge=1)
+    """Overrides the slot count read from ``/slots`` or ``/props``."""
+    models: tuple[str, ...] | None = None
+    """Overrides the model ids read from ``/v1/models``."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"must not have a query or fragment, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> BackendConfig:
+        if not self.name:
+            parts = urlsplit(self.url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            object.__setattr__(self, "name", f"{parts.hostname}:{port}")
+        return self
+
+
+class BalancerConfig(BaseSettings):
+    """Everything the engine needs: the fleet and how to balance it.
+
+    Environment variables ``LLAMACPP_HA_<FIELD>`` (nested with ``__``) override values given
+    as keyword arguments or read from a file by :meth:`from_file`.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLAMACPP_HA_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    policy: PolicyName = "affinity"
+    """How a backend is chosen among those with a free slot."""
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    poll_timeout_s: float = Field(default=2.0, gt=0)
+    queue_timeout_s: float = Field(default=60.0, gt=0)
+    """How long a request may wait in the queue for a free slot before it gets 503."""
+    max_queue: int = Field(default=1000, ge=0)
+    """Waiting requests beyond this get 429 at once."""
+    max_attempts: int = Field(default=3, ge=1)
+    """Backends tried for one request when the earlier ones failed before answering."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=600.0, gt=0)
+    """A response body nobody has read from for this long is closed and its slot given back."""
+    affinity_ttl_s: float = Field(default=1800.0, gt=0)
+    affinity_max_entries: int = Field(default=100_000, ge=1)
+    affinity_prefix_chars: int = Field(default=4096, ge=1)
+    """How much leading request content identifies a conversation."""
+    allow_unknown_models: bool = False
+    """Send a model no backend lists to any backend (llama-server ignores the name) instead of 404."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_env_vars(cls, data: Any) -> Any:
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        known = {name.upper() for name in cls.model_fields}
+        unknown = sorted(
+            key
+            for key in os.environ
+            if key.upper().startswith(prefix) and key[len(prefix) :].upper().split("__")[0] not in known
+        )
+        if unknown:
+            raise ValueError(f"unknown environment variable(s) {', '.join(unknown)}: no such setting")
+        return data
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_names(cls, backends: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
+        names = [backend.name for backend in backends]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"backend names must be unique, repeated: {', '.join(duplicates)}")
+        return backends
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file (whose values arrive as init kwargs), so an
+        # operator can override one field of a shared config file without editing it.
+        return env_settings, init_settings
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BalancerConfig:
+        """Load a JSON, TOML or YAML file (chosen by suffix); ``LLAMACPP_HA_*`` variables override it."""
+        return cls(**read_config_file(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a config file into a dict, choosing the format by the file's suffix."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data: Any = json.loads(text)
+    elif suffix == ".toml":
+        data = tomllib.loads(text)
+    elif suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text)
+    else:
+        raise ValueError(f"{path}: unknown config format {suffix!r}; use .json, .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data

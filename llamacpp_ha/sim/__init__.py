@@ -1,0 +1,9 @@
+"""A simulated llama-server for tests, demos and benchmarks: ``python -m llamacpp_ha.sim``."""
+
+from __future__ import annotations
+
+from ._app import SimFaults, SimulatedLlamaServer
+from ._config import SimConfig
+from ._server import SimProcess, SimServer, free_port
+
+__all__ = ["SimConfig", "SimFaults", "SimProcess", "SimServer", "SimulatedLlamaServer", "free_port"]

@@ -1,0 +1,54 @@
+"""``python -m llamacpp_ha.sim --port P --slots N --model NAME``: serve a simulated llama-server."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from ._app import SimulatedLlamaServer
+from ._config import SimConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llamacpp_ha.sim", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--slots", type=int, help="parallel slots (llama-server -np)")
+    parser.add_argument("--model", help="model file name reported by /v1/models")
+    parser.add_argument("--alias", help="comma-separated aliases; the first becomes the model id")
+    parser.add_argument("--n-ctx", type=int, help="context per slot, in tokens")
+    parser.add_argument("--prefill-tps", type=float, help="prompt tokens per second")
+    parser.add_argument("--decode-tps", type=float, help="generated tokens per second for one stream")
+    parser.add_argument("--instant", action="store_true", help="answer without simulated compute time")
+    parser.add_argument("--loading-s", type=float, help="answer 503 Loading model for this long")
+    parser.add_argument("--api-key", help="require this key (Bearer or X-Api-Key)")
+    parser.add_argument("--no-slots", action="store_true", help="disable /slots (501), like --no-slots")
+    parser.add_argument("--config-json", help="a whole SimConfig as JSON (used by SimProcess)")
+    args = parser.parse_args(argv)
+
+    config = SimConfig.model_validate_json(args.config_json) if args.config_json else SimConfig()
+    updates = {
+        "slots": args.slots,
+        "model": args.model,
+        "aliases": tuple(args.alias.split(",")) if args.alias else None,
+        "n_ctx": args.n_ctx,
+        "prefill_tokens_per_s": math.inf if args.instant else args.prefill_tps,
+        "decode_tokens_per_s": math.inf if args.instant else args.decode_tps,
+        "loading_s": args.loading_s,
+        "api_key": args.api_key,
+        "slots_endpoint": False if args.no_slots else None,
+    }
+    config = SimConfig.model_validate(config.model_dump() | {k: v for k, v in updates.items() if v is not None})
+
+    import uvicorn
+
+    app = SimulatedLlamaServer(config)
+    print(f"simulated llama-server {config.model_id} ({config.slots} slots) on http://{args.host}:{args.port}")
+    uvicorn.run(app, host=args.host, port=args.port, lifespan="off", log_level="warning",
+                server_header=False, date_header=False, access_log=False)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
