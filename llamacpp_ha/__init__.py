@@ -1,0 +1,43 @@
+"""llamacpp-ha: a slot-aware, prefix-affine load balancer for llama.cpp's llama-server."""
+
+from __future__ import annotations
+
+from ._backend import BackendState
+from ._balancer import Balancer
+from ._client import HAAsyncClient, ha_client
+from ._config import BackendConfig, BalancerConfig
+from ._errors import (
+    BadRequestError,
+    BalancerClosedError,
+    BalancerError,
+    ModelNotFoundError,
+    NoBackendError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+from ._stats import BackendSnapshot, BalancerSnapshot, Counters
+from ._transport import HATransport, RouteInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendConfig",
+    "BackendSnapshot",
+    "BackendState",
+    "BadRequestError",
+    "Balancer",
+    "BalancerClosedError",
+    "BalancerConfig",
+    "BalancerError",
+    "BalancerSnapshot",
+    "Counters",
+    "HAAsyncClient",
+    "HATransport",
+    "ModelNotFoundError",
+    "NoBackendError",
+    "QueueFullError",
+    "QueueTimeoutError",
+    "RouteInfo",
+    "__version__",
+    "ha_client",
+]

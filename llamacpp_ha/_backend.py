@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import logging
+import time
+from enum import StrEnum
+
+from ._config import BackendConfig
+
+__all__ = ["Backend", "BackendState", "model_names"]
+
+logger = logging.getLogger("llamacpp_ha")
+
+
+class BackendState(StrEnum):
+    UNKNOWN = "unknown"
+    """Not polled successfully yet."""
+    HEALTHY = "healthy"
+    LOADING = "loading"
+    """Answers 503 ``Loading model``: not routable until loaded."""
+    DEAD = "dead"
+    """Does not answer at all."""
+
+
+def model_names(model_id: str, aliases: tuple[str, ...] = ()) -> set[str]:
+    """The names a request may use for a model: its id, aliases, and each without ``.gguf``."""
+    names = {model_id, *aliases}
+    return names | {name.removesuffix(".gguf") for name in names}
+
+
+class Backend:
+    """What the balancer knows and counts about one llama-server.
+
+    ``in_flight`` counts our own leases, updated at once; ``external`` is the load other
+    clients put on the backend, as far as the last ``/slots`` poll showed it. Local
+    accounting is a guess, the backend is the truth: each poll reconciles the two.
+    """
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.url = config.url
+        self.state = BackendState.UNKNOWN
+        self.reason = "not polled yet"
+        self.sleeping = False
+        self.slots_endpoint = True
+        self.reported_capacity = 0
+        self.in_flight = 0
+        self.external = 0
+        self.observed_busy: int | None = None
+        self.model_ids: tuple[str, ...] = config.models or ()
+        self._names: frozenset[str] = frozenset(self._names_for(self.model_ids, ()))
+        self.models_known = config.models is not None
+        self.last_poll: float | None = None
+        self.requests = 0
+        self.errors = 0
+
+    @staticmethod
+    def _names_for(ids: tuple[str, ...], aliases: tuple[str, ...]) -> set[str]:
+        names: set[str] = set()
+        for model_id in ids:
+            names |= model_names(model_id)
+        return names | model_names(aliases[0], aliases) if aliases else names
+
+    @property
+    def capacity(self) -> int:
+        return self.config.capacity or self.reported_capacity
+
+    @property
+    def routable(self) -> bool:
+        return self.state is BackendState.HEALTHY and self.capacity > 0
+
+    @property
+    def free_slots(self) -> int:
+        if not self.routable:
+            return 0
+        return max(0, self.capacity - self.in_flight - self.external)
+
+    @property
+    def load(self) -> float:
+        """Busy fraction of the slots, ours and others'."""
+        return (self.in_flight + self.external) / self.capacity if self.capacity else 1.0
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or model in self._names
+
+    def set_models(self, ids: tuple[str, ...], aliases: tuple[str, ...] = ()) -> None:
+        if self.config.models is not None:
+            return
+        self.model_ids = ids
+        self._names = frozenset(self._names_for(ids, aliases))
+        self.models_known = True
+
+    def set_state(self, state: BackendState, reason: str) -> None:
+        self.reason = reason
+        if state is self.state:
+            return
+        level = logging.WARNING if state in (BackendState.DEAD, BackendState.LOADING) else logging.INFO
+        logger.log(level, "backend %s (%s): %s -> %s: %s", self.name, self.url, self.state, state, reason)
+        self.state = state
+
+    def reconcile(self, observed_busy: int | None, in_flight_when_asked: int) -> None:
+        """Take the busy count a ``/slots`` poll saw, net of our own leases.
+
+        Our leases may have been taken or given back while the poll was on the wire, so the
+        larger of the counts at sending and now is subtracted: a request we just sent may
+        not show as busy yet, and one we just finished may still show.
+        """
+        self.observed_busy = observed_busy
+        self.last_poll = time.monotonic()
+        if observed_busy is None:
+            self.external = 0
+            return
+        self.external = max(0, observed_busy - max(in_flight_when_asked, self.in_flight))

@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from types import TracebackType
+from typing import Any, Self
+
+import httpx2
+
+from ._affinity import AffinityTable
+from ._backend import Backend, BackendState
+from ._config import BalancerConfig
+from ._errors import (
+    BalancerClosedError,
+    ModelNotFoundError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+from ._leases import Lease
+from ._policies import make_policy
+from ._queue import WaitQueue, Waiter
+from ._registry import Registry
+from ._request import RequestFacts
+from ._scheduler import Scheduler
+from ._stats import BalancerSnapshot, Stats, snapshot_backend, snapshot_counters
+
+__all__ = ["Balancer"]
+
+logger = logging.getLogger("llamacpp_ha")
+
+
+class Balancer:
+    """The engine: backend registry, slot accounting, global queue, scheduler and affinity.
+
+    Starts its background polling on first use in the running event loop and stops it in
+    :meth:`aclose`; nothing is shared with any other balancer.
+    """
+
+    def __init__(self, config: BalancerConfig) -> None:
+        self.config = config
+        self.backends = [Backend(backend) for backend in config.backends]
+        self.stats = Stats()
+        self.queue = WaitQueue()
+        self.affinity = AffinityTable(config.affinity_ttl_s, config.affinity_max_entries)
+        self.scheduler = Scheduler(self.backends, self.queue, make_policy(config.policy), self.affinity, self.stats)
+        self._poll_client: httpx2.AsyncClient | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._polled = asyncio.Event()
+        self._wake_poller = asyncio.Event()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def backend(self, name: str) -> Backend:
+        return next(backend for backend in self.backends if backend.name == name)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start polling now and wait for the first poll (otherwise the first request does this)."""
+        if self._closed:
+            raise BalancerClosedError("The balancer is closed.")
+        if self._poller is None or self._poller.done():
+            if self._poll_client is None:
+                self._poll_client = httpx2.AsyncClient(limits=httpx2.Limits(keepalive_expiry=4.0))
+            self._poller = asyncio.get_running_loop().create_task(
+                _poll_forever(weakref.ref(self), self._wake_poller), name="llamacpp-ha-poller"
+            )
+        if not self._polled.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.poll_timeout_s * 3):
+                    await self._polled.wait()
+
+    async def aclose(self) -> None:
+        """Stop polling, fail waiting requests with 503, and close connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for waiter in self.queue.drain():
+            waiter.future.set_exception(BalancerClosedError("The balancer was closed while the request waited."))
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self._poll_client is not None:
+            await self._poll_client.aclose()
+            self._poll_client = None
+
+    async def poll_now(self) -> None:
+        """Poll every backend once, then dispatch what the new state allows."""
+        if self._poll_client is None:
+            self._poll_client = httpx2.AsyncClient(limits=httpx2.Limits(keepalive_expiry=4.0))
+        await Registry(self.backends, self._poll_client, self.config.poll_timeout_s).poll_all()
+        self._polled.set()
+        await self._expire_idle_leases()
+        self.scheduler.dispatch()
+
+    def wake_poller(self) -> None:
+        """Poll soon instead of at the next interval (a backend just failed)."""
+        self._wake_poller.set()
+
+    async def _expire_idle_leases(self) -> None:
+        now = time.monotonic()
+        limit = self.config.stream_idle_timeout_s
+        for lease in [lease for lease in self.scheduler.leases if lease.idle_for(now) > limit]:
+            logger.warning("closing a response from %s that nobody read for %.0f s", lease.backend.name, limit)
+            self.stats.expired_leases += 1
+            try:
+                if lease.closer is not None:
+                    await lease.closer()
+            finally:
+                lease.release()
+
+    def resolve_model(self, model: str | None) -> str | None:
+        """The queue key for a requested model: the name itself, or None for "any backend"."""
+        if model is None or any(backend.serves(model) for backend in self.backends):
+            return model
+        if self.config.allow_unknown_models:
+            return None
+        if not all(backend.models_known for backend in self.backends):
+            return model  # some backend has not said what it serves yet: wait for it
+        self.stats.models_not_found += 1
+        available = ", ".join(self.model_ids()) or "none"
+        raise ModelNotFoundError(f"The model '{model}' does not exist on any backend. Available models: {available}.")
+
+    def model_ids(self) -> list[str]:
+        """Model ids served by healthy backends, in backend order, each once."""
+        ids: dict[str, None] = {}
+        for backend in self.backends:
+            if backend.state is BackendState.HEALTHY:
+                ids.update(dict.fromkeys(backend.model_ids))
+        return list(ids)
+
+    def models_payload(self) -> dict[str, Any]:
+        """``GET /v1/models`` in OpenAI's list shape, answered from the registry."""
+        owners: dict[str, list[str]] = {}
+        for backend in self.backends:
+            if backend.state is BackendState.HEALTHY:
+                for model_id in backend.model_ids:
+                    owners.setdefault(model_id, []).append(backend.name)
+        data = [
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "llamacpp", "backends": names}
+            for model_id, names in owners.items()
+        ]
+        return {"object": "list", "data": data}
+
+    async def acquire(
+        self, facts: RequestFacts, *, excluded: frozenset[str] = frozenset(), seq: int | None = None,
+        deadline: float | None = None,
+    ) -> Lease:  # fmt: skip
+        """Wait for a slot on a backend that serves the request's model.
+
+        ``seq`` and ``deadline`` carry a retried request's place in the queue and its original
+        deadline. Raises a :class:`~llamacpp_ha.BalancerError` when no slot can be had.
+        """
+        if self._poller is None or self._poller.done():
+            await self.start()
+        if self._closed:
+            raise BalancerClosedError("The balancer is closed.")
+        model = self.resolve_model(facts.model)
+        if not excluded and len(self.queue) >= self.config.max_queue:
+            self.stats.queue_rejections += 1
+            raise QueueFullError(
+                f"{len(self.queue)} requests are already waiting for a slot (max_queue).",
+                retry_after_s=self._retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = deadline if deadline is not None else now + self.config.queue_timeout_s
+        future: asyncio.Future[Lease] = loop.create_future()
+        waiter = Waiter(
+            self.queue.next_seq() if seq is None else seq, model, facts.affinity_key, excluded, future, now
+        )
+        self.queue.push(waiter)
+        self.scheduler.dispatch()
+        if not future.done():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await future
+            except TimeoutError:
+                self._give_up(waiter)
+                self.stats.queue_timeouts += 1
+                raise QueueTimeoutError(
+                    f"No slot became free within {self.config.queue_timeout_s:g} s "
+                    f"({len(self.queue)} requests waiting).",
+                    retry_after_s=self._retry_after_s(),
+                ) from None
+            except BaseException:
+                self._give_up(waiter)
+                raise
+        self.stats.record_wait(loop.time() - now)
+        return future.result()
+
+    def _give_up(self, waiter: Waiter) -> None:
+        future = waiter.future
+        if not future.done():
+            future.cancel()
+        if future.cancelled():
+            self.queue.forget(waiter)
+        elif future.exception() is None:
+            # Granted in the same instant the waiter gave up: the slot goes back.
+            future.result().release()
+        # else: aclose() failed the waiter and emptied the queue already.
+
+    def _retry_after_s(self) -> float:
+        return max(1.0, min(self.config.queue_timeout_s, 30.0))
+
+    def snapshot(self) -> BalancerSnapshot:
+        """The fleet and the balancer's counters now, as a JSON-serializable model."""
+        return BalancerSnapshot(
+            policy=self.config.policy,
+            backends=[snapshot_backend(backend) for backend in self.backends],
+            queue_depth=len(self.queue),
+            affinity_entries=len(self.affinity),
+            counters=snapshot_counters(self.stats),
+        )
+
+
+async def _poll_forever(balancer_ref: weakref.ref[Balancer], wake: asyncio.Event) -> None:
+    # Holds the balancer only while polling, so a balancer dropped without aclose() is
+    # collected and its poller ends instead of running until the loop closes.
+    while True:
+        balancer = balancer_ref()
+        if balancer is None or balancer.closed:
+            return
+        try:
+            await balancer.poll_now()
+        except Exception:
+            logger.exception("polling the backends failed")
+        interval = balancer.config.poll_interval_s
+        del balancer
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await wake.wait()
+        wake.clear()

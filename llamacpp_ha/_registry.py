@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import httpx2
+
+from ._backend import Backend, BackendState
+
+__all__ = ["Registry", "backend_auth_headers"]
+
+
+def backend_auth_headers(backend: Backend) -> dict[str, str]:
+    key = backend.config.api_key
+    return {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+
+
+class Registry:
+    """Polls each backend and updates its state, models, capacity and observed load.
+
+    Per poll: ``/health`` (200 ready, 503 loading, no answer dead), then ``/props`` (capacity,
+    sleeping, whether ``/slots`` exists) and ``/v1/models``, then ``/slots`` unless the
+    backend sleeps (polling ``/slots`` would wake it) or has it disabled. ``/metrics`` is never
+    polled: its rate gauges reset on every scrape and we would corrupt the operator's numbers.
+    """
+
+    def __init__(self, backends: Sequence[Backend], client: httpx2.AsyncClient, timeout_s: float) -> None:
+        self.backends = backends
+        self._client = client
+        self._timeout = httpx2.Timeout(timeout_s)
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self.poll(backend) for backend in self.backends))
+
+    async def _get(self, backend: Backend, path: str) -> httpx2.Response:
+        return await self._client.get(backend.url + path, headers=backend_auth_headers(backend), timeout=self._timeout)
+
+    async def poll(self, backend: Backend) -> None:
+        in_flight_when_asked = backend.in_flight
+        try:
+            health = await self._get(backend, "/health")
+        except httpx2.HTTPError as exc:
+            backend.set_state(BackendState.DEAD, f"/health: {type(exc).__name__}: {exc}".rstrip(": "))
+            return
+        if health.status_code == 503:
+            backend.set_state(BackendState.LOADING, "loading the model")
+            return
+        if health.status_code != 200:
+            backend.set_state(BackendState.DEAD, f"/health answered {health.status_code}")
+            return
+        try:
+            props, models = await asyncio.gather(self._get(backend, "/props"), self._get(backend, "/v1/models"))
+        except httpx2.HTTPError as exc:
+            backend.set_state(BackendState.DEAD, f"/props: {type(exc).__name__}: {exc}".rstrip(": "))
+            return
+        if props.status_code != 200 or models.status_code != 200:
+            failed = props if props.status_code != 200 else models
+            backend.set_state(BackendState.DEAD, f"{failed.url.path} answered {failed.status_code}")
+            return
+        self._read_props(backend, props.json())
+        self._read_models(backend, models.json())
+        busy = await self._read_slots(backend)
+        backend.reconcile(busy, in_flight_when_asked)
+        backend.set_state(BackendState.HEALTHY, "sleeping" if backend.sleeping else "ready")
+
+    @staticmethod
+    def _read_props(backend: Backend, props: Any) -> None:
+        if not isinstance(props, dict):
+            return
+        total_slots = props.get("total_slots")
+        if isinstance(total_slots, int) and total_slots > 0:
+            backend.reported_capacity = total_slots
+        backend.sleeping = props.get("is_sleeping") is True
+        backend.slots_endpoint = props.get("endpoint_slots") is not False
+
+    @staticmethod
+    def _read_models(backend: Backend, body: Any) -> None:
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            return
+        ids: list[str] = []
+        aliases: list[str] = []
+        for entry in data:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                ids.append(entry["id"])
+                aliases += [a for a in entry.get("aliases") or () if isinstance(a, str)]
+        backend.set_models(tuple(ids), tuple(aliases))
+
+    async def _read_slots(self, backend: Backend) -> int | None:
+        """The number of busy slots, or None when ``/slots`` cannot tell."""
+        if backend.sleeping:
+            return 0
+        if not backend.slots_endpoint:
+            return None
+        try:
+            response = await self._get(backend, "/slots")
+        except httpx2.TimeoutException:
+            # /health answered, so a slow /slots is load (e.g. a RAM prompt-cache copy), not death.
+            return backend.observed_busy
+        except httpx2.HTTPError:
+            return None
+        if response.status_code == 501:
+            backend.slots_endpoint = False
+            return None
+        slots = response.json() if response.status_code == 200 else None
+        if not isinstance(slots, list):
+            return None
+        backend.reported_capacity = len(slots) or backend.reported_capacity
+        return sum(1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing") is True)

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pydantic import BaseModel
+
+from ._backend import Backend, BackendState
+
+__all__ = ["BackendSnapshot", "BalancerSnapshot", "Counters", "Stats"]
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of one balancer (never shared between balancers)."""
+
+    requests: int = 0
+    """Inference requests accepted for routing."""
+    dispatched: int = 0
+    """Slots granted, including retries."""
+    retries: int = 0
+    """Requests sent again after a failure before any response byte."""
+    affinity_hits: int = 0
+    affinity_misses: int = 0
+    """The conversation's backend was known but had no free slot, so another one served it."""
+    queue_timeouts: int = 0
+    queue_rejections: int = 0
+    bad_requests: int = 0
+    models_not_found: int = 0
+    failovers_exhausted: int = 0
+    stream_failures: int = 0
+    """Responses cut off by the backend after they started."""
+    expired_leases: int = 0
+    """Responses closed because their consumer stopped reading for ``stream_idle_timeout_s``."""
+    queue_wait_total_s: float = 0.0
+    queue_wait_max_s: float = 0.0
+
+    def record_wait(self, waited_s: float) -> None:
+        self.queue_wait_total_s += waited_s
+        self.queue_wait_max_s = max(self.queue_wait_max_s, waited_s)
+
+
+class Counters(BaseModel):
+    requests: int
+    dispatched: int
+    retries: int
+    affinity_hits: int
+    affinity_misses: int
+    queue_timeouts: int
+    queue_rejections: int
+    bad_requests: int
+    models_not_found: int
+    failovers_exhausted: int
+    stream_failures: int
+    expired_leases: int
+    queue_wait_total_s: float
+    queue_wait_max_s: float
+
+
+class BackendSnapshot(BaseModel):
+    name: str
+    url: str
+    state: BackendState
+    reason: str
+    sleeping: bool
+    capacity: int
+    in_flight: int
+    """Slots held by this balancer's requests."""
+    busy: int | None
+    """Slots the last ``/slots`` poll saw processing (ours and other clients'); None without ``/slots``."""
+    external: int
+    """Busy slots not ours, as of the last poll."""
+    free: int
+    models: list[str]
+    requests: int
+    errors: int
+
+
+class BalancerSnapshot(BaseModel):
+    """The state of the fleet and the balancer at one moment; JSON-serializable."""
+
+    policy: str
+    backends: list[BackendSnapshot]
+    queue_depth: int
+    affinity_entries: int
+    counters: Counters
+
+    @property
+    def in_flight(self) -> int:
+        return sum(backend.in_flight for backend in self.backends)
+
+    def backend(self, name: str) -> BackendSnapshot:
+        return next(backend for backend in self.backends if backend.name == name)
+
+
+def snapshot_backend(backend: Backend) -> BackendSnapshot:
+    return BackendSnapshot(
+        name=backend.name,
+        url=backend.url,
+        state=backend.state,
+        reason=backend.reason,
+        sleeping=backend.sleeping,
+        capacity=backend.capacity,
+        in_flight=backend.in_flight,
+        busy=backend.observed_busy,
+        external=backend.external,
+        free=backend.free_slots,
+        models=list(backend.model_ids),
+        requests=backend.requests,
+        errors=backend.errors,
+    )
+
+
+def snapshot_counters(stats: Stats) -> Counters:
+    return Counters(**asdict(stats))

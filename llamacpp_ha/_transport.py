@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+
+from ._backend import Backend, BackendState
+from ._balancer import Balancer
+from ._config import BalancerConfig
+from ._errors import BalancerError, NoBackendError
+from ._leases import Lease
+from ._registry import backend_auth_headers
+from ._request import SLOT_PATHS, parse_request
+from ._stream import LeasedStream
+
+__all__ = ["HATransport", "RouteInfo"]
+
+BACKEND_HEADER = "x-llamacpp-ha-backend"
+_MODEL_PATHS = frozenset({"/v1/models", "/models"})
+# Hop-by-hop headers, plus X-Conversation-Id: with it llama-server keeps generating after the
+# client left (a resumable stream), which would hold a slot we believe is free.
+_DROPPED_HEADERS = frozenset(
+    {"host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+     "x-conversation-id"}
+)  # fmt: skip
+_RETRYABLE = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ConnectTimeout)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """How a request was routed: ``response.extensions["llamacpp_ha"]``."""
+
+    backend: str
+    queued_s: float
+    """Time spent waiting for a slot, over all attempts."""
+    attempts: int
+    """Backends tried; more than 1 when earlier ones failed before answering."""
+    affinity: str | None
+    """``hit``, ``miss`` (the conversation's backend was full) or ``new``; None without a key."""
+
+
+class HATransport(httpx2.AsyncBaseTransport):
+    """An httpx2 transport that sends each request to a llama-server chosen by a :class:`Balancer`.
+
+    Scheme, host and port of the request URL are replaced by the chosen backend's; path and
+    query are kept. ``GET /v1/models`` is answered from the registry.
+    """
+
+    def __init__(
+        self, config: BalancerConfig | Balancer, *, upstream: httpx2.AsyncBaseTransport | None = None
+    ) -> None:
+        self.balancer = config if isinstance(config, Balancer) else Balancer(config)
+        self._upstream = upstream or httpx2.AsyncHTTPTransport(
+            # Below llama-server's 5 s keep-alive, so we rarely reuse a connection it is closing.
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
+        )
+        self._turn = 0
+
+    async def aclose(self) -> None:
+        await self.balancer.aclose()
+        await self._upstream.aclose()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        try:
+            if request.method == "POST" and path in SLOT_PATHS:
+                return await self._forward_leased(request, path)
+            if request.method == "GET" and path in _MODEL_PATHS:
+                if not self.balancer.model_ids():
+                    await self.balancer.start()
+                return _json_response(200, self.balancer.models_payload())
+            return await self._forward_any(request)
+        except BalancerError as error:
+            return httpx2.Response(error.status_code, headers=error.headers(), content=error.body_bytes())
+
+    async def _forward_leased(self, request: httpx2.Request, path: str) -> httpx2.Response:
+        balancer = self.balancer
+        config = balancer.config
+        body = await request.aread()
+        try:
+            facts = parse_request(path, request.headers.get, body, config.affinity_prefix_chars)
+        except BalancerError:
+            balancer.stats.bad_requests += 1
+            raise
+        balancer.stats.requests += 1
+        excluded: set[str] = set()
+        # A retried request keeps its place in the queue and its original deadline.
+        seq = balancer.queue.next_seq()
+        deadline = asyncio.get_running_loop().time() + config.queue_timeout_s
+        queued_s = 0.0
+        failures: list[str] = []
+        for attempt in range(1, config.max_attempts + 1):
+            started = time.monotonic()
+            lease = await balancer.acquire(facts, excluded=frozenset(excluded), seq=seq, deadline=deadline)
+            queued_s += time.monotonic() - started
+            backend = lease.backend
+            try:
+                response = await self._send(request, backend, body)
+            except _RETRYABLE as exc:
+                lease.release()
+                self._note_failure(backend, exc)
+                failures.append(f"{backend.name}: {type(exc).__name__}")
+            except BaseException:
+                lease.release()
+                raise
+            else:
+                if response.status_code == 503 and await _is_loading(response):
+                    lease.release()
+                    backend.set_state(BackendState.LOADING, "answered 503 Loading model")
+                    failures.append(f"{backend.name}: loading")
+                else:
+                    info = RouteInfo(backend.name, queued_s, attempt, lease.affinity)
+                    return self._leased_response(response, lease, info)
+            excluded.add(backend.name)
+            balancer.stats.retries += 1
+        balancer.stats.failovers_exhausted += 1
+        balancer.stats.retries -= 1  # the last failure was not followed by a retry
+        raise NoBackendError(f"Every attempt failed before the backend answered: {'; '.join(failures)}.")
+
+    def _leased_response(self, upstream: httpx2.Response, lease: Lease, info: RouteInfo) -> httpx2.Response:
+        sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        stream = LeasedStream(upstream, lease, sse=sse, on_failure=self._note_stream_failure)
+        headers = upstream.headers.copy()
+        headers[BACKEND_HEADER] = info.backend
+        if upstream.status_code >= 500:
+            lease.backend.errors += 1
+        return httpx2.Response(
+            upstream.status_code,
+            headers=headers,
+            stream=stream,
+            extensions={**upstream.extensions, "llamacpp_ha": info},
+        )
+
+    async def _forward_any(self, request: httpx2.Request) -> httpx2.Response:
+        """Requests that take no slot (tokenize, props, health...) go to any routable backend."""
+        body = await request.aread()
+        await self.balancer.start()
+        failures: list[str] = []
+        for _ in range(self.balancer.config.max_attempts):
+            routable = [b for b in self.balancer.backends if b.routable and b.name not in failures]
+            if not routable:
+                break
+            self._turn += 1
+            backend = routable[self._turn % len(routable)]
+            try:
+                response = await self._send(request, backend, body)
+            except _RETRYABLE as exc:
+                self._note_failure(backend, exc)
+                failures.append(backend.name)
+                continue
+            response.headers[BACKEND_HEADER] = backend.name
+            return response
+        raise NoBackendError(
+            "No backend is available." + (f" Failed: {', '.join(failures)}." if failures else "")
+        )
+
+    async def _send(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Response:
+        upstream = self._upstream_request(request, backend, body)
+        try:
+            return await self._upstream.handle_async_request(upstream)
+        except httpx2.RemoteProtocolError:
+            # llama-server closes the connection after every stream though it says keep-alive;
+            # a pooled connection it already closed fails before the request reached it.
+            upstream = self._upstream_request(request, backend, body)
+            return await self._upstream.handle_async_request(upstream)
+
+    def _upstream_request(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Request:
+        base = httpx2.URL(backend.url)
+        url = request.url.copy_with(
+            scheme=base.scheme, host=base.host, port=base.port, raw_path=base.raw_path.rstrip(b"/") + request.url.raw_path
+        )
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _DROPPED_HEADERS]
+        auth = backend_auth_headers(backend)
+        if auth:
+            headers = [(k, v) for k, v in headers if k.lower() not in ("authorization", "x-api-key")]
+            headers += list(auth.items())
+        extensions = dict(request.extensions)
+        timeout = dict(extensions.get("timeout") or {})
+        timeout["connect"] = self.balancer.config.connect_timeout_s
+        extensions["timeout"] = timeout
+        return httpx2.Request(request.method, url, headers=headers, content=body, extensions=extensions)
+
+    def _note_failure(self, backend: Backend, exc: Exception) -> None:
+        backend.errors += 1
+        if isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+            backend.set_state(BackendState.DEAD, f"{type(exc).__name__}: {exc}".rstrip(": "))
+        self.balancer.wake_poller()
+
+    def _note_stream_failure(self, lease: Lease, exc: Exception) -> None:
+        self.balancer.stats.stream_failures += 1
+        self._note_failure(lease.backend, exc)
+
+
+async def _is_loading(response: httpx2.Response) -> bool:
+    """True for llama-server's 503 ``Loading model``. Reads the (small) body either way."""
+    try:
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    finally:
+        await response.aclose()
+    # The body was consumed: give the response a fresh stream of the same bytes.
+    response.stream = httpx2.ByteStream(raw)
+    return b"Loading model" in raw
+
+
+def _json_response(status: int, body: Any) -> httpx2.Response:
+    return httpx2.Response(status, headers={"content-type": "application/json"}, content=json.dumps(body).encode())
