@@ -21,7 +21,7 @@ from ._errors import (
 )
 from ._leases import Lease
 from ._policies import make_policy
-from ._queue import WaitQueue, Waiter
+from ._queue import Waiter, WaitQueue
 from ._registry import Registry
 from ._request import RequestFacts
 from ._scheduler import Scheduler
@@ -45,7 +45,9 @@ class Balancer:
         self.stats = Stats()
         self.queue = WaitQueue()
         self.affinity = AffinityTable(config.affinity_ttl_s, config.affinity_max_entries)
-        self.scheduler = Scheduler(self.backends, self.queue, make_policy(config.policy), self.affinity, self.stats)
+        self.scheduler = Scheduler(
+            self.backends, self.queue, make_policy(config.policy), self.affinity, self.stats
+        )
         self._poll_client: httpx2.AsyncClient | None = None
         self._poller: asyncio.Task[None] | None = None
         self._polled = asyncio.Event()
@@ -89,7 +91,9 @@ class Balancer:
             return
         self._closed = True
         for waiter in self.queue.drain():
-            waiter.future.set_exception(BalancerClosedError("The balancer was closed while the request waited."))
+            waiter.future.set_exception(
+                BalancerClosedError("The balancer was closed while the request waited.")
+            )
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -116,7 +120,9 @@ class Balancer:
         now = time.monotonic()
         limit = self.config.stream_idle_timeout_s
         for lease in [lease for lease in self.scheduler.leases if lease.idle_for(now) > limit]:
-            logger.warning("closing a response from %s that nobody read for %.0f s", lease.backend.name, limit)
+            logger.warning(
+                "closing a response from %s that nobody read for %.0f s", lease.backend.name, limit
+            )
             self.stats.expired_leases += 1
             try:
                 if lease.closer is not None:
@@ -134,7 +140,9 @@ class Balancer:
             return model  # some backend has not said what it serves yet: wait for it
         self.stats.models_not_found += 1
         available = ", ".join(self.model_ids()) or "none"
-        raise ModelNotFoundError(f"The model '{model}' does not exist on any backend. Available models: {available}.")
+        raise ModelNotFoundError(
+            f"The model '{model}' does not exist on any backend. Available models: {available}."
+        )
 
     def model_ids(self) -> list[str]:
         """Model ids served by healthy backends, in backend order, each once."""
@@ -158,9 +166,13 @@ class Balancer:
         return {"object": "list", "data": data}
 
     async def acquire(
-        self, facts: RequestFacts, *, excluded: frozenset[str] = frozenset(), seq: int | None = None,
+        self,
+        facts: RequestFacts,
+        *,
+        excluded: frozenset[str] = frozenset(),
+        seq: int | None = None,
         deadline: float | None = None,
-    ) -> Lease:  # fmt: skip
+    ) -> Lease:
         """Wait for a slot on a backend that serves the request's model.
 
         ``seq`` and ``deadline`` carry a retried request's place in the queue and its original

@@ -16,8 +16,15 @@ class Lease:
     """
 
     __slots__ = (
-        "_on_release", "acquired_at", "affinity", "backend", "closer", "last_activity", "reading", "released",
-    )  # fmt: skip
+        "_on_release",
+        "acquired_at",
+        "affinity",
+        "backend",
+        "closer",
+        "last_activity",
+        "reading",
+        "released",
+    )
 
     def __init__(self, backend: Backend, on_release: Callable[[Lease], None]) -> None:
         self.backend = backend

@@ -13,8 +13,20 @@ __all__ = ["SLOT_PATHS", "RequestFacts", "parse_request"]
 # POST paths that occupy a llama-server slot; everything else is answered without one.
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 PROMPT_PATHS = frozenset({"/v1/completions", "/completion", "/completions", "/infill"})
-SLOT_PATHS = CHAT_PATHS | PROMPT_PATHS | frozenset(
-    {"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/reranking", "/v1/responses", "/v1/messages"}
+SLOT_PATHS = (
+    CHAT_PATHS
+    | PROMPT_PATHS
+    | frozenset(
+        {
+            "/v1/embeddings",
+            "/embeddings",
+            "/v1/rerank",
+            "/rerank",
+            "/reranking",
+            "/v1/responses",
+            "/v1/messages",
+        }
+    )
 )
 
 
@@ -56,7 +68,11 @@ def parse_request(
 
 
 def _affinity_key(
-    path: str, header: Callable[[str], str | None], payload: dict[str, Any], model: str | None, prefix_chars: int
+    path: str,
+    header: Callable[[str], str | None],
+    payload: dict[str, Any],
+    model: str | None,
+    prefix_chars: int,
 ) -> str | None:
     session = header("x-session-id")
     if session:
@@ -80,7 +96,9 @@ def _affinity_key(
 
 def _leading_messages(messages: list[Any]) -> str:
     """The system prompt plus the first user message: what stays the same for a whole conversation."""
-    system = next((m for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")), None)
+    system = next(
+        (m for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")), None
+    )
     user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
     return "\0".join(_content_text(m) for m in (system, user))
 

@@ -6,7 +6,7 @@ from ._affinity import AffinityTable
 from ._backend import Backend
 from ._leases import Lease
 from ._policies import Policy
-from ._queue import WaitQueue, Waiter
+from ._queue import Waiter, WaitQueue
 from ._stats import Stats
 
 __all__ = ["Scheduler"]

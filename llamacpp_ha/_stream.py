@@ -37,9 +37,11 @@ class LeasedStream(httpx2.AsyncByteStream):
         lease = self._lease
         if self._closed:
             raise httpx2.StreamClosed()
+        upstream = self._upstream.stream
+        assert isinstance(upstream, httpx2.AsyncByteStream)
         try:
             lease.reading = True
-            async for chunk in self._upstream.stream:
+            async for chunk in upstream:
                 lease.reading = False
                 lease.touch()
                 yield chunk

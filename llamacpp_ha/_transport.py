@@ -24,9 +24,18 @@ _MODEL_PATHS = frozenset({"/v1/models", "/models"})
 # Hop-by-hop headers, plus X-Conversation-Id: with it llama-server keeps generating after the
 # client left (a resumable stream), which would hold a slot we believe is free.
 _DROPPED_HEADERS = frozenset(
-    {"host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-     "x-conversation-id"}
-)  # fmt: skip
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-conversation-id",
+    }
+)
 _RETRYABLE = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ConnectTimeout)
 
 
@@ -171,7 +180,10 @@ class HATransport(httpx2.AsyncBaseTransport):
     def _upstream_request(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Request:
         base = httpx2.URL(backend.url)
         url = request.url.copy_with(
-            scheme=base.scheme, host=base.host, port=base.port, raw_path=base.raw_path.rstrip(b"/") + request.url.raw_path
+            scheme=base.scheme,
+            host=base.host,
+            port=base.port,
+            raw_path=base.raw_path.rstrip(b"/") + request.url.raw_path,
         )
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _DROPPED_HEADERS]
         auth = backend_auth_headers(backend)
@@ -207,4 +219,6 @@ async def _is_loading(response: httpx2.Response) -> bool:
 
 
 def _json_response(status: int, body: Any) -> httpx2.Response:
-    return httpx2.Response(status, headers={"content-type": "application/json"}, content=json.dumps(body).encode())
+    return httpx2.Response(
+        status, headers={"content-type": "application/json"}, content=json.dumps(body).encode()
+    )

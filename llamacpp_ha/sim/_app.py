@@ -131,7 +131,9 @@ class SimulatedLlamaServer:
             key = (_header(scope, b"x-api-key") or b"").decode()
         return key == self.config.api_key
 
-    async def _route(self, scope: Scope, receive: Receive, send: Send, method: str, path: str, origin: bytes) -> None:
+    async def _route(
+        self, scope: Scope, receive: Receive, send: Send, method: str, path: str, origin: bytes
+    ) -> None:
         if method == "GET":
             await self._get(scope, send, path, origin)
             return
@@ -177,7 +179,9 @@ class SimulatedLlamaServer:
                 "requests_deferred": self.pool.deferred,
             }
             headers = [(b"process-start-time-unix", str(int(self._started)).encode())]
-            await _send(send, 200, metrics_text(values).encode(), b"text/plain; version=0.0.4", origin, headers)
+            await _send(
+                send, 200, metrics_text(values).encode(), b"text/plain; version=0.0.4", origin, headers
+            )
         else:
             await _send_not_found(send, origin)
 
@@ -187,7 +191,10 @@ class SimulatedLlamaServer:
             await _send_json(send, 501, error_body(501, message, "not_supported_error"), origin)
             return
         query = parse_qs(scope.get("query_string", b"").decode())
-        if query.get("fail_on_no_slot", ["0"])[0] not in ("0", "") and self.pool.processing == self.config.slots:
+        if (
+            query.get("fail_on_no_slot", ["0"])[0] not in ("0", "")
+            and self.pool.processing == self.config.slots
+        ):
             await _send_json(send, 503, error_body(503, "no slot available", "unavailable_error"), origin)
             return
         await _send_json(send, 200, slots_body(self.pool.slots), origin)
@@ -199,14 +206,18 @@ class SimulatedLlamaServer:
             return
         if path == "/apply-template":
             messages = body.get("messages", [])
-            await _send_json(send, 200, {"prompt": render_chat(messages if isinstance(messages, list) else [])}, origin)
+            await _send_json(
+                send, 200, {"prompt": render_chat(messages if isinstance(messages, list) else [])}, origin
+            )
         elif path == "/tokenize":
             pieces = tokenize(str(body.get("content", "")))
             if body.get("add_special"):
                 pieces.insert(0, "<s>")
             ids = [self._token_id(piece) for piece in pieces]
             tokens: list[Any] = (
-                [{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)] if body.get("with_pieces") else ids
+                [{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)]
+                if body.get("with_pieces")
+                else ids
             )
             await _send_json(send, 200, {"tokens": tokens}, origin)
         else:
@@ -234,7 +245,9 @@ class SimulatedLlamaServer:
                 "try increasing it"
             )
             extra = {"n_prompt_tokens": len(job.prompt), "n_ctx": n_ctx}
-            await _send_json(send, 400, error_body(400, message, "exceed_context_size_error", **extra), origin)
+            await _send_json(
+                send, 400, error_body(400, message, "exceed_context_size_error", **extra), origin
+            )
             return
         assignment = await self.pool.acquire(job.prompt, job.id_slot)
         slot = assignment.slot
@@ -269,7 +282,9 @@ class SimulatedLlamaServer:
             body = json.loads(raw)
         except ValueError as exc:
             # llama-server maps a JSON parse failure to 500, not 400 (a quirk the balancer hides).
-            return 500, error_body(500, f"[json.exception.parse_error.101] parse error: {exc}", "server_error")
+            return 500, error_body(
+                500, f"[json.exception.parse_error.101] parse error: {exc}", "server_error"
+            )
         if not isinstance(body, dict):
             return 400, error_body(400, "the request body must be a JSON object", "invalid_request_error")
         if kind == "chat":
@@ -307,7 +322,11 @@ class SimulatedLlamaServer:
         )
 
     async def _generate(
-        self, job: _Job, run: _Run, disconnected: asyncio.Event, on_progress: Callable[[int], Awaitable[None]] | None
+        self,
+        job: _Job,
+        run: _Run,
+        disconnected: asyncio.Event,
+        on_progress: Callable[[int], Awaitable[None]] | None,
     ) -> AsyncIterator[str]:
         """Sleep through prefill, then yield generated pieces at the simulated decode speed."""
         config = self.config
@@ -356,7 +375,13 @@ class SimulatedLlamaServer:
         self._counters[name] = self._counters.get(name, 0) + value
 
     async def _respond(
-        self, job: _Job, run: _Run, send: Send, origin: bytes, disconnected: asyncio.Event, release: Callable[[], None]
+        self,
+        job: _Job,
+        run: _Run,
+        send: Send,
+        origin: bytes,
+        disconnected: asyncio.Event,
+        release: Callable[[], None],
     ) -> None:
         abandoned_at: float | None = None
         async for _ in self._generate(job, run, disconnected, None):
@@ -369,34 +394,64 @@ class SimulatedLlamaServer:
 
     def _final_body(self, job: _Job, run: _Run) -> dict[str, Any]:
         text = "".join(run.pieces)
-        common = {"created": unix_now(), "model": self.config.model_id, "system_fingerprint": self.config.build_info}
+        common = {
+            "created": unix_now(),
+            "model": self.config.model_id,
+            "system_fingerprint": self.config.build_info,
+        }
         usage = self._usage(job, run)
         if job.kind == "chat":
             choices = [
-                {"finish_reason": run.finish_reason, "index": i, "message": {"role": "assistant", "content": text}}
+                {
+                    "finish_reason": run.finish_reason,
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                }
                 for i in range(job.choices)
             ]
-            return {"choices": choices, **common, "object": "chat.completion", "usage": usage,
-                    "id": new_completion_id(), "timings": self._timings(job, run)}  # fmt: skip
+            return {
+                "choices": choices,
+                **common,
+                "object": "chat.completion",
+                "usage": usage,
+                "id": new_completion_id(),
+                "timings": self._timings(job, run),
+            }
         if job.kind == "oai":
             choices = [
                 {"text": text, "index": i, "logprobs": None, "finish_reason": run.finish_reason}
                 for i in range(job.choices)
             ]
-            return {"choices": choices, **common, "object": "text_completion", "usage": usage,
-                    "id": new_completion_id(), "timings": self._timings(job, run)}  # fmt: skip
+            return {
+                "choices": choices,
+                **common,
+                "object": "text_completion",
+                "usage": usage,
+                "id": new_completion_id(),
+                "timings": self._timings(job, run),
+            }
         return self._native_final(job, run, text)
 
     def _native_final(self, job: _Job, run: _Run, content: str) -> dict[str, Any]:
         settings = {**DEFAULT_PARAMS, **run.assignment.slot.params}
         return {
-            "index": 0, "content": content, "tokens": [], "id_slot": run.assignment.slot.id, "stop": True,
-            "model": self.config.model_id, "tokens_predicted": len(run.pieces), "tokens_evaluated": len(job.prompt),
-            "generation_settings": settings, "prompt": " ".join(job.prompt), "has_new_line": False,
-            "truncated": run.truncated, "stop_type": "limit" if run.finish_reason == "length" else "eos",
-            "stopping_word": "", "tokens_cached": len(job.prompt) + len(run.pieces),
+            "index": 0,
+            "content": content,
+            "tokens": [],
+            "id_slot": run.assignment.slot.id,
+            "stop": True,
+            "model": self.config.model_id,
+            "tokens_predicted": len(run.pieces),
+            "tokens_evaluated": len(job.prompt),
+            "generation_settings": settings,
+            "prompt": " ".join(job.prompt),
+            "has_new_line": False,
+            "truncated": run.truncated,
+            "stop_type": "limit" if run.finish_reason == "length" else "eos",
+            "stopping_word": "",
+            "tokens_cached": len(job.prompt) + len(run.pieces),
             "timings": self._timings(job, run),
-        }  # fmt: skip
+        }
 
     def _usage(self, job: _Job, run: _Run) -> dict[str, Any]:
         completion = len(run.pieces) * job.choices
@@ -412,7 +467,13 @@ class SimulatedLlamaServer:
         return timings(cache_n, len(job.prompt) - cache_n, run.prompt_ms, len(run.pieces), run.predicted_ms)
 
     async def _stream(
-        self, job: _Job, run: _Run, send: Send, origin: bytes, disconnected: asyncio.Event, release: Callable[[], None]
+        self,
+        job: _Job,
+        run: _Run,
+        send: Send,
+        origin: bytes,
+        disconnected: asyncio.Event,
+        release: Callable[[], None],
     ) -> None:
         # Headers go out when the task has a slot and starts prompt processing, as llama-server does.
         await send({"type": "http.response.start", "status": 200, "headers": _stream_headers(origin)})
@@ -456,15 +517,22 @@ class _StreamEvents:
         self._created = unix_now()
 
     def _common(self) -> dict[str, Any]:
-        return {"created": self._created, "id": self._id, "model": self._server.config.model_id,
-                "system_fingerprint": self._server.config.build_info}  # fmt: skip
+        return {
+            "created": self._created,
+            "id": self._id,
+            "model": self._server.config.model_id,
+            "system_fingerprint": self._server.config.build_info,
+        }
 
     def chat_chunk(self, delta: dict[str, Any], finish_reason: str | None, **extra: Any) -> bytes:
         choices = [{"finish_reason": finish_reason, "index": 0, "delta": delta}]
         return _sse({"choices": choices, **self._common(), "object": "chat.completion.chunk", **extra})
 
     def _oai_chunk(
-        self, text: str, finish_reason: str | None, usage: dict[str, Any] | None = None,
+        self,
+        text: str,
+        finish_reason: str | None,
+        usage: dict[str, Any] | None = None,
         timing: dict[str, Any] | None = None,
     ) -> bytes:
         common = self._common()
@@ -485,9 +553,23 @@ class _StreamEvents:
     def progress(self, processed: int) -> bytes:
         job, cache_n = self._job, self._run.assignment.cache_n
         total = len(job.prompt)
-        return _sse({"index": 0, "content": "", "tokens": [0], "stop": False, "id_slot": -1, "tokens_predicted": 0,
-                     "tokens_evaluated": total, "prompt_progress": {"total": total, "cache": cache_n,
-                     "processed": cache_n + processed, "time_ms": int(self._run.prompt_ms)}})  # fmt: skip
+        return _sse(
+            {
+                "index": 0,
+                "content": "",
+                "tokens": [0],
+                "stop": False,
+                "id_slot": -1,
+                "tokens_predicted": 0,
+                "tokens_evaluated": total,
+                "prompt_progress": {
+                    "total": total,
+                    "cache": cache_n,
+                    "processed": cache_n + processed,
+                    "time_ms": int(self._run.prompt_ms),
+                },
+            }
+        )
 
     def piece(self, piece: str, produced: int) -> bytes:
         if self._job.kind == "chat":
@@ -495,8 +577,17 @@ class _StreamEvents:
         if self._job.kind == "oai":
             return self._oai_chunk(piece, None)
         token = self._server._token_id(piece.strip() or piece)
-        return _sse({"index": 0, "content": piece, "tokens": [token], "stop": False, "id_slot": -1,
-                     "tokens_predicted": produced, "tokens_evaluated": len(self._job.prompt)})  # fmt: skip
+        return _sse(
+            {
+                "index": 0,
+                "content": piece,
+                "tokens": [token],
+                "stop": False,
+                "id_slot": -1,
+                "tokens_predicted": produced,
+                "tokens_evaluated": len(self._job.prompt),
+            }
+        )
 
     def final(self) -> bytes:
         server, job, run = self._server, self._job, self._run
@@ -507,8 +598,15 @@ class _StreamEvents:
             return self._oai_chunk("", run.finish_reason, usage, timing) + b"data: [DONE]\n\n"
         if job.include_usage:
             last = self.chat_chunk({}, run.finish_reason)
-            usage_event = _sse({"choices": [], **self._common(), "object": "chat.completion.chunk",
-                                "usage": usage, "timings": timing})  # fmt: skip
+            usage_event = _sse(
+                {
+                    "choices": [],
+                    **self._common(),
+                    "object": "chat.completion.chunk",
+                    "usage": usage,
+                    "timings": timing,
+                }
+            )
             return last + usage_event + b"data: [DONE]\n\n"
         return self.chat_chunk({}, run.finish_reason, timings=timing) + b"data: [DONE]\n\n"
 
@@ -567,7 +665,11 @@ def _parse_json(raw: bytes) -> Any:
 
 
 def _base_headers(origin: bytes, content_type: bytes) -> list[tuple[bytes, bytes]]:
-    return [(b"server", b"llama.cpp"), (b"access-control-allow-origin", origin), (b"content-type", content_type)]
+    return [
+        (b"server", b"llama.cpp"),
+        (b"access-control-allow-origin", origin),
+        (b"content-type", content_type),
+    ]
 
 
 def _stream_headers(origin: bytes) -> list[tuple[bytes, bytes]]:
@@ -588,7 +690,11 @@ async def _send(
     origin: bytes,
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    headers = [*(extra or []), *_base_headers(origin, content_type), (b"content-length", str(len(payload)).encode())]
+    headers = [
+        *(extra or []),
+        *_base_headers(origin, content_type),
+        (b"content-length", str(len(payload)).encode()),
+    ]
     # Errors close the connection; successes advertise keep-alive (as the captures show).
     headers.append((b"connection", b"close") if status >= 400 else (b"keep-alive", b"timeout=5, max=100"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

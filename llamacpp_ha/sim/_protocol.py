@@ -25,19 +25,49 @@ __all__ = [
 ]
 
 DEFAULT_PARAMS: dict[str, Any] = {
-    "seed": 4294967295, "temperature": 0.800000011920929, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
-    "top_k": 40, "top_p": 0.949999988079071, "min_p": 0.05000000074505806, "top_n_sigma": -1.0,
-    "xtc_probability": 0.0, "xtc_threshold": 0.10000000149011612, "typical_p": 1.0, "repeat_last_n": 64,
-    "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0,
-    "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": 64, "mirostat": 0, "mirostat_tau": 5.0,
-    "mirostat_eta": 0.10000000149011612, "adaptive_target": -1.0, "adaptive_decay": 0.8999999761581421,
-    "max_tokens": -1, "n_predict": -1, "n_keep": 0, "n_discard": 0, "ignore_eos": False, "stream": False,
-    "n_probs": 0, "min_keep": 0, "chat_format": "Content-only", "reasoning_format": "none",
-    "reasoning_in_content": False, "generation_prompt": "",
+    "seed": 4294967295,
+    "temperature": 0.800000011920929,
+    "dynatemp_range": 0.0,
+    "dynatemp_exponent": 1.0,
+    "top_k": 40,
+    "top_p": 0.949999988079071,
+    "min_p": 0.05000000074505806,
+    "top_n_sigma": -1.0,
+    "xtc_probability": 0.0,
+    "xtc_threshold": 0.10000000149011612,
+    "typical_p": 1.0,
+    "repeat_last_n": 64,
+    "repeat_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "dry_multiplier": 0.0,
+    "dry_base": 1.75,
+    "dry_allowed_length": 2,
+    "dry_penalty_last_n": 64,
+    "mirostat": 0,
+    "mirostat_tau": 5.0,
+    "mirostat_eta": 0.10000000149011612,
+    "adaptive_target": -1.0,
+    "adaptive_decay": 0.8999999761581421,
+    "max_tokens": -1,
+    "n_predict": -1,
+    "n_keep": 0,
+    "n_discard": 0,
+    "ignore_eos": False,
+    "stream": False,
+    "n_probs": 0,
+    "min_keep": 0,
+    "chat_format": "Content-only",
+    "reasoning_format": "none",
+    "reasoning_in_content": False,
+    "generation_prompt": "",
     "samplers": ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"],
-    "speculative.types": "none", "timings_per_token": False, "post_sampling_probs": False,
-    "backend_sampling": False, "lora": [],
-}  # fmt: skip
+    "speculative.types": "none",
+    "timings_per_token": False,
+    "post_sampling_probs": False,
+    "backend_sampling": False,
+    "lora": [],
+}
 
 _CHAT_TEMPLATE = (
     "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -59,7 +89,9 @@ def new_completion_id() -> str:
     return "chatcmpl-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(32))
 
 
-def timings(cache_n: int, prompt_n: int, prompt_ms: float, predicted_n: int, predicted_ms: float) -> dict[str, Any]:
+def timings(
+    cache_n: int, prompt_n: int, prompt_ms: float, predicted_n: int, predicted_ms: float
+) -> dict[str, Any]:
     prompt_ms = max(prompt_ms, 1e-3)
     predicted_ms = max(predicted_ms, 1e-3)
     return {
@@ -91,11 +123,16 @@ def props_body(config: SimConfig) -> dict[str, Any]:
         "ui_settings": {},
         "chat_template": _CHAT_TEMPLATE,
         "chat_template_caps": {
-            "supports_object_arguments": False, "supports_parallel_tool_calls": False,
-            "supports_preserve_reasoning": False, "supports_reasoning_effort": False,
-            "supports_string_content": True, "supports_system_role": True, "supports_tool_calls": False,
-            "supports_tools": False, "supports_typed_content": False,
-        },  # fmt: skip
+            "supports_object_arguments": False,
+            "supports_parallel_tool_calls": False,
+            "supports_preserve_reasoning": False,
+            "supports_reasoning_effort": False,
+            "supports_string_content": True,
+            "supports_system_role": True,
+            "supports_tool_calls": False,
+            "supports_tools": False,
+            "supports_typed_content": False,
+        },
         "bos_token": "<s>",
         "eos_token": "</s>",
         "build_info": config.build_info,
@@ -108,21 +145,45 @@ def models_body(config: SimConfig, created: int) -> dict[str, Any]:
     model_id = config.model_id
     aliases = list(config.aliases) or [config.model]
     details = {
-        "parent_model": "", "format": "gguf", "family": "", "families": [""], "parameter_size": "",
+        "parent_model": "",
+        "format": "gguf",
+        "family": "",
+        "families": [""],
+        "parameter_size": "",
         "quantization_level": "",
-    }  # fmt: skip
+    }
     ollama = {
-        "name": model_id, "model": model_id, "modified_at": "", "size": "", "digest": "", "type": "model",
-        "description": "", "tags": [""], "capabilities": ["completion"], "parameters": "", "details": details,
-    }  # fmt: skip
+        "name": model_id,
+        "model": model_id,
+        "modified_at": "",
+        "size": "",
+        "digest": "",
+        "type": "model",
+        "description": "",
+        "tags": [""],
+        "capabilities": ["completion"],
+        "parameters": "",
+        "details": details,
+    }
     meta = {
-        "vocab_type": 1, "n_vocab": 32000, "n_ctx": config.n_ctx, "n_ctx_train": 2048, "n_embd": 64,
-        "n_params": 2146624, "size": 4293888, "ftype": "F16",
-    }  # fmt: skip
+        "vocab_type": 1,
+        "n_vocab": 32000,
+        "n_ctx": config.n_ctx,
+        "n_ctx_train": 2048,
+        "n_embd": 64,
+        "n_params": 2146624,
+        "size": 4293888,
+        "ftype": "F16",
+    }
     data = {
-        "id": model_id, "aliases": aliases, "tags": [], "object": "model", "created": created,
-        "owned_by": "llamacpp", "meta": meta,
-    }  # fmt: skip
+        "id": model_id,
+        "aliases": aliases,
+        "tags": [],
+        "object": "model",
+        "created": created,
+        "owned_by": "llamacpp",
+        "meta": meta,
+    }
     return {"models": [ollama], "object": "list", "data": [data]}
 
 
@@ -162,19 +223,25 @@ _METRICS = (
     ("prompt_seconds_total", "counter", "Total time spent processing prompts"),
     ("tokens_predicted_total", "counter", "Number of generation tokens processed"),
     ("tokens_predicted_seconds_total", "counter", "Total time spent generating tokens"),
-    ("n_decode_total", "counter", "Total number of llama_decode() calls, excluding speculative decoding and "
-     "multimodal decoding"),
+    (
+        "n_decode_total",
+        "counter",
+        "Total number of llama_decode() calls, excluding speculative decoding and multimodal decoding",
+    ),
     ("n_tokens_max", "counter", "Largest observed sequence length (prompt + generation)"),
     ("spec_decode_num_draft_tokens_total", "counter", "Speculative: Total draft tokens generated"),
-    ("spec_decode_num_accepted_tokens_total", "counter", "Speculative: Total draft tokens accepted by the "
-     "target model"),
+    (
+        "spec_decode_num_accepted_tokens_total",
+        "counter",
+        "Speculative: Total draft tokens accepted by the target model",
+    ),
     ("spec_decode_num_drafts_total", "counter", "Speculative: Total speculative decoding verification steps"),
     ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s"),
     ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s"),
     ("requests_processing", "gauge", "Number of requests processing"),
     ("requests_deferred", "gauge", "Number of requests deferred"),
     ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call"),
-)  # fmt: skip
+)
 
 
 def metrics_text(values: dict[str, float]) -> str:

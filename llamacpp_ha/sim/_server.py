@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from types import TracebackType
 from typing import Any, Self
@@ -62,9 +61,14 @@ class SimServer:
         sock.listen(512)
         self._port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, lifespan="off", log_level="warning", server_header=False, date_header=False,
-            timeout_graceful_shutdown=1, access_log=False,
-        )  # fmt: skip
+            self.app,
+            lifespan="off",
+            log_level="warning",
+            server_header=False,
+            date_header=False,
+            timeout_graceful_shutdown=1,
+            access_log=False,
+        )
         server = uvicorn.Server(config)
         self._server = server
         self.app.restart_loading()
@@ -109,17 +113,23 @@ class SimProcess:
         return f"http://{_HOST}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> Self:
-        command = [sys.executable, "-m", "llamacpp_ha.sim", "--port", str(self.port),
-                   "--config-json", self._config.model_dump_json()]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "llamacpp_ha.sim",
+            "--port",
+            str(self.port),
+            "--config-json",
+            self._config.model_dump_json(),
+        ]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 error = self._process.stderr.read().decode() if self._process.stderr else ""
                 raise RuntimeError(f"simulated llama-server exited: {error}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
-                    return self
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=1):
+                return self
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"simulated llama-server on port {self.port} did not answer in {timeout} s")

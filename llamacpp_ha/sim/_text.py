@@ -10,9 +10,40 @@ __all__ = ["common_prefix_length", "generated_pieces", "render_chat", "tokenize"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 # Random-weight models emit random vocabulary; the shape of the text is all that matters.
 _VOCABULARY = (
-    " alpha", " bread", " castle", " delta", " echo", " forest", " galaxy", " hotel", " island", " juliet",
-    " kilo", " lima", " meteor", " november", " ocean", " quebec", " river", " snow", " tango", " valley",
-    "де", " fiddle", " Amb", "RESS", " ob", " уз", " (=", "Since", " way", " mån", "ள", "atur", ",", ".",
+    " alpha",
+    " bread",
+    " castle",
+    " delta",
+    " echo",
+    " forest",
+    " galaxy",
+    " hotel",
+    " island",
+    " juliet",
+    " kilo",
+    " lima",
+    " meteor",
+    " november",
+    " ocean",
+    " quebec",
+    " river",
+    " snow",
+    " tango",
+    " valley",
+    "де",
+    " fiddle",
+    " Amb",
+    "RESS",
+    " ob",
+    " уз",
+    " (=",
+    "Since",
+    " way",
+    " mån",
+    "ள",
+    "atur",
+    ",",
+    ".",
 )
 
 
@@ -27,9 +58,7 @@ def render_chat(messages: Sequence[dict[str, Any]]) -> str:
     for message in messages:
         content = message.get("content")
         if not isinstance(content, str):
-            content = "".join(
-                part.get("text", "") for part in content or () if isinstance(part, dict)
-            )
+            content = "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
         parts.append(f"<|im_start|>{message.get('role', 'user')}\n{content}<|im_end|>\n")
     return "".join(parts) + "<|im_start|>assistant\n"
 
