@@ -39,8 +39,9 @@ class Balancer:
     :meth:`aclose`; nothing is shared with any other balancer.
     """
 
-    def __init__(self, config: BalancerConfig) -> None:
+    def __init__(self, config: BalancerConfig, *, poll_transport: httpx2.AsyncBaseTransport | None = None) -> None:
         self.config = config
+        self._poll_transport = poll_transport
         self.backends = [Backend(backend) for backend in config.backends]
         self.stats = Stats()
         self.queue = WaitQueue()
@@ -75,8 +76,6 @@ class Balancer:
         if self._closed:
             raise BalancerClosedError("The balancer is closed.")
         if self._poller is None or self._poller.done():
-            if self._poll_client is None:
-                self._poll_client = httpx2.AsyncClient(limits=httpx2.Limits(keepalive_expiry=4.0))
             self._poller = asyncio.get_running_loop().create_task(
                 _poll_forever(weakref.ref(self), self._wake_poller), name="llamacpp-ha-poller"
             )
@@ -106,7 +105,9 @@ class Balancer:
     async def poll_now(self) -> None:
         """Poll every backend once, then dispatch what the new state allows."""
         if self._poll_client is None:
-            self._poll_client = httpx2.AsyncClient(limits=httpx2.Limits(keepalive_expiry=4.0))
+            self._poll_client = httpx2.AsyncClient(
+                transport=self._poll_transport, limits=httpx2.Limits(keepalive_expiry=4.0)
+            )
         await Registry(self.backends, self._poll_client, self.config.poll_timeout_s).poll_all()
         self._polled.set()
         await self._expire_idle_leases()
@@ -143,6 +144,11 @@ class Balancer:
         raise ModelNotFoundError(
             f"The model '{model}' does not exist on any backend. Available models: {available}."
         )
+
+    def could_serve(self, model: str | None, excluded: set[str]) -> bool:
+        """Whether a healthy backend outside ``excluded`` serves the model (a retry may wait for it)."""
+        key = self.resolve_model(model)
+        return any(b.routable and b.serves(key) and b.name not in excluded for b in self.backends)
 
     def model_ids(self) -> list[str]:
         """Model ids served by healthy backends, in backend order, each once."""

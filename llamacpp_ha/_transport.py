@@ -62,7 +62,7 @@ class HATransport(httpx2.AsyncBaseTransport):
     def __init__(
         self, config: BalancerConfig | Balancer, *, upstream: httpx2.AsyncBaseTransport | None = None
     ) -> None:
-        self.balancer = config if isinstance(config, Balancer) else Balancer(config)
+        self.balancer = config if isinstance(config, Balancer) else Balancer(config, poll_transport=upstream)
         self._upstream = upstream or httpx2.AsyncHTTPTransport(
             # Below llama-server's 5 s keep-alive, so we rarely reuse a connection it is closing.
             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
@@ -125,9 +125,10 @@ class HATransport(httpx2.AsyncBaseTransport):
                     info = RouteInfo(backend.name, queued_s, attempt, lease.affinity)
                     return self._leased_response(response, lease, info)
             excluded.add(backend.name)
+            if attempt == config.max_attempts or not balancer.could_serve(facts.model, excluded):
+                break
             balancer.stats.retries += 1
         balancer.stats.failovers_exhausted += 1
-        balancer.stats.retries -= 1  # the last failure was not followed by a retry
         raise NoBackendError(f"Every attempt failed before the backend answered: {'; '.join(failures)}.")
 
     def _leased_response(self, upstream: httpx2.Response, lease: Lease, info: RouteInfo) -> httpx2.Response:
