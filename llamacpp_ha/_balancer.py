@@ -39,7 +39,9 @@ class Balancer:
     :meth:`aclose`; nothing is shared with any other balancer.
     """
 
-    def __init__(self, config: BalancerConfig, *, poll_transport: httpx2.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, config: BalancerConfig, *, poll_transport: httpx2.AsyncBaseTransport | None = None
+    ) -> None:
         self.config = config
         self._poll_transport = poll_transport
         self.backends = [Backend(backend) for backend in config.backends]

@@ -67,7 +67,9 @@ async def test_backend_api_key_and_path_prefix() -> None:
         request.url = request.url.copy_with(raw_path=request.url.raw_path.removeprefix(b"/llama"))
         return fleet.handle(request)
 
-    async with httpx2.AsyncClient(transport=HATransport(config, upstream=httpx2.MockTransport(handle))) as client:
+    async with httpx2.AsyncClient(
+        transport=HATransport(config, upstream=httpx2.MockTransport(handle))
+    ) as client:
         response = await client.post("http://x/v1/chat/completions", json=CHAT, headers={"x-api-key": "user"})
     assert response.status_code == 200
     assert {path for path, _ in polled} >= {"/llama/health", "/llama/slots", "/llama/v1/chat/completions"}
@@ -93,7 +95,9 @@ async def test_a_stale_pooled_connection_is_retried_on_the_same_backend(client_f
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise httpx2.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+            raise httpx2.RemoteProtocolError(
+                "Server disconnected without sending a response.", request=request
+            )
         return httpx2.Response(200, json={"ok": True})
 
     for backend in fleet.backends.values():
@@ -155,7 +159,13 @@ async def test_failover_exhausted_is_503_that_the_sdk_must_not_retry(client_for:
 
 async def test_an_upstream_client_error_passes_through_unchanged(client_for: Client) -> None:
     fleet = MockFleet.of("gpu1")
-    body = {"error": {"code": 400, "message": "request (2263 tokens) exceeds ...", "type": "exceed_context_size_error"}}
+    body = {
+        "error": {
+            "code": 400,
+            "message": "request (2263 tokens) exceeds ...",
+            "type": "exceed_context_size_error",
+        }
+    }
     fleet.backends["gpu1"].inference = lambda request: httpx2.Response(400, json=body)
     client = client_for(fleet)
     response = await client.post("/v1/chat/completions", json=CHAT)
@@ -164,7 +174,9 @@ async def test_an_upstream_client_error_passes_through_unchanged(client_for: Cli
     assert len(fleet.requests) == 1
 
 
-@pytest.mark.parametrize("body", [b"{", b"[]", b'{"model": "m"}'], ids=["not-json", "not-object", "no-messages"])
+@pytest.mark.parametrize(
+    "body", [b"{", b"[]", b'{"model": "m"}'], ids=["not-json", "not-object", "no-messages"]
+)
 async def test_a_bad_body_is_400_without_touching_a_backend(client_for: Client, body: bytes) -> None:
     fleet = MockFleet.of("gpu1")
     client = client_for(fleet)

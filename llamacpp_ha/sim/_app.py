@@ -14,6 +14,7 @@ from ._protocol import (
     DEFAULT_PARAMS,
     dumps,
     error_body,
+    generation_settings,
     metrics_text,
     models_body,
     new_completion_id,
@@ -58,6 +59,7 @@ class _Job:
     choices: int
     include_usage: bool
     return_progress: bool
+    cache_prompt: bool
 
 
 @dataclass
@@ -250,6 +252,8 @@ class SimulatedLlamaServer:
             )
             return
         assignment = await self.pool.acquire(job.prompt, job.id_slot)
+        if not job.cache_prompt:
+            assignment = Assignment(assignment.slot, 0)
         slot = assignment.slot
         slot.params = {
             "n_predict": job.max_tokens or -1,
@@ -319,6 +323,7 @@ class SimulatedLlamaServer:
             choices=choices,
             include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
             return_progress=bool(body.get("return_progress", False)),
+            cache_prompt=body.get("cache_prompt") is not False,
         )
 
     async def _generate(
@@ -433,7 +438,7 @@ class SimulatedLlamaServer:
         return self._native_final(job, run, text)
 
     def _native_final(self, job: _Job, run: _Run, content: str) -> dict[str, Any]:
-        settings = {**DEFAULT_PARAMS, **run.assignment.slot.params}
+        settings = generation_settings(run.assignment.slot.params)
         return {
             "index": 0,
             "content": content,

@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_PARAMS",
     "dumps",
     "error_body",
+    "generation_settings",
     "metrics_text",
     "models_body",
     "new_completion_id",
@@ -68,6 +69,23 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "backend_sampling": False,
     "lora": [],
 }
+
+# A native completion's generation_settings: the params plus sampling fields /props omits.
+_SETTINGS_EXTRA_AFTER = {
+    "dry_penalty_last_n": {"dry_sequence_breakers": ["\n", ":", '"', "*"]},
+    "adaptive_decay": {"stop": []},
+    "stream": {"logit_bias": []},
+    "min_keep": {"grammar": "", "grammar_lazy": False, "grammar_triggers": [], "preserved_tokens": []},
+}
+
+
+def generation_settings(params: dict[str, Any]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for key, value in {**DEFAULT_PARAMS, **params}.items():
+        settings[key] = value
+        settings |= _SETTINGS_EXTRA_AFTER.get(key, {})
+    return settings
+
 
 _CHAT_TEMPLATE = (
     "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
