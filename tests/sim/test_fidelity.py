@@ -57,7 +57,22 @@ NOT_REPLAYED = {
     "slots-id-slot-pinned-deferred": "captured mid-flight under load",
 }
 STATELESS_B = {"chat-completions-n2", "error-chat-n-exceeds-slots", "completions-oai-two-prompts"}
-WORDS = "alpha bravo castle delta echo forest galaxy hotel island juliet kilo lima meteor november".split()
+WORDS = [
+    "alpha",
+    "bravo",
+    "castle",
+    "delta",
+    "echo",
+    "forest",
+    "galaxy",
+    "hotel",
+    "island",
+    "juliet",
+    "kilo",
+    "lima",
+    "meteor",
+    "november",
+]
 
 
 @dataclass
