@@ -1,0 +1,155 @@
+"""Every way a request can end gives its slot back: ours (in_flight) and the backend's (/slots)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from llamacpp_ha import HAAsyncClient
+from llamacpp_ha.sim import SimProcess, SimServer
+
+from .helpers import chat, eventually, fleet_config, sim_busy_slots
+
+pytestmark = pytest.mark.anyio
+
+Sims = Callable[..., SimServer]
+Clients = Callable[..., tuple[HAAsyncClient, AsyncOpenAI]]
+MODEL = "tiny-random-llama"
+
+
+async def assert_all_slots_free(http: HAAsyncClient, *urls: str) -> None:
+    await eventually(lambda: http.balancer.snapshot().in_flight == 0)
+    for url in urls:
+        await eventually(lambda url=url: _idle(url))  # type: ignore[misc]
+    assert http.balancer.snapshot().queue_depth == 0
+
+
+async def _idle(url: str) -> bool:
+    return await sim_busy_slots(url) == 0
+
+
+async def slow_stream(client: AsyncOpenAI, tokens: int = 200) -> openai.AsyncStream[object]:
+    stream = await client.chat.completions.create(model=MODEL, messages=chat("go"), max_tokens=tokens, stream=True)
+    return stream  # type: ignore[return-value]
+
+
+async def test_completed_requests(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=2)
+    http, client = clients(fleet_config(sim))
+    completion = await client.chat.completions.create(model=MODEL, messages=chat("hi"), max_tokens=5)
+    assert completion.choices[0].message.content
+    stream = await client.chat.completions.create(model=MODEL, messages=chat("hi"), max_tokens=5, stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    await assert_all_slots_free(http, sim.url)
+
+
+async def test_consumer_closes_mid_stream(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=100)
+    http, client = clients(fleet_config(sim))
+    stream = await slow_stream(client)
+    iterator = stream.__aiter__()
+    await iterator.__anext__()
+    await iterator.__anext__()
+    assert http.balancer.snapshot().in_flight == 1
+    assert await sim_busy_slots(sim.url) == 1
+    await stream.close()
+    await assert_all_slots_free(http, sim.url)
+
+
+async def test_consumer_cancelled_while_streaming(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=50)
+    http, client = clients(fleet_config(sim))
+    reading = asyncio.Event()
+
+    async def consume() -> None:
+        stream = await slow_stream(client)
+        async for _ in stream:
+            reading.set()
+
+    task = asyncio.create_task(consume())
+    await reading.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await assert_all_slots_free(http, sim.url)
+
+
+async def test_consumer_cancelled_while_queued(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=100)
+    http, client = clients(fleet_config(sim))
+    blocker = await slow_stream(client)
+    waiting = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=chat("q"), max_tokens=2))
+    await eventually(lambda: http.balancer.snapshot().queue_depth == 1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert http.balancer.snapshot().queue_depth == 0
+    await blocker.close()
+    await assert_all_slots_free(http, sim.url)
+    # The slot is really usable again (nothing holds a stale grant).
+    done = await client.chat.completions.create(model=MODEL, messages=chat("after"), max_tokens=2)
+    assert done.choices
+
+
+async def test_queue_timeout(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=100)
+    http, client = clients(fleet_config(sim, queue_timeout_s=0.3))
+    blocker = await slow_stream(client)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=chat("late"), max_tokens=2)
+    assert caught.value.status_code == 503
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert (body["type"], body["code"]) == ("unavailable_error", "queue_timeout")
+    assert "No slot became free" in body["message"]
+    assert int(caught.value.response.headers["retry-after-ms"]) > 0
+    assert http.balancer.snapshot().counters.queue_timeouts == 1
+    await blocker.close()
+    await assert_all_slots_free(http, sim.url)
+
+
+async def test_upstream_error_mid_stream(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1)
+    sim.app.faults.stream_error_after_tokens = 3
+    http, client = clients(fleet_config(sim))
+    stream = await slow_stream(client, tokens=20)
+    received = 0
+    with pytest.raises(openai.APIError, match="simulated failure"):
+        async for _ in stream:
+            received += 1
+    assert received == 4  # the role chunk and 3 tokens, then the error event
+    await assert_all_slots_free(http, sim.url)
+
+
+async def test_backend_death_mid_stream(clients: Clients) -> None:
+    with SimProcess(slots=1, decode_tokens_per_s=50) as doomed:
+        http, client = clients(fleet_config(doomed.url))
+        stream = await slow_stream(client)
+        iterator = stream.__aiter__()
+        await iterator.__anext__()
+        assert http.balancer.snapshot().in_flight == 1
+        doomed.kill()
+        with pytest.raises(openai.APIError, match="failed during the response"):
+            async for _ in iterator:
+                pass
+        await eventually(lambda: http.balancer.snapshot().in_flight == 0)
+        assert http.balancer.snapshot().counters.stream_failures == 1
+        await eventually(lambda: http.balancer.snapshot().backends[0].state == "dead")
+        doomed.start()  # the same port: the backend comes back with all slots free
+        await eventually(lambda: http.balancer.snapshot().backends[0].state == "healthy")
+        await assert_all_slots_free(http, doomed.url)
+
+
+async def test_abandoned_stream_is_closed_after_the_idle_deadline(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=100)
+    http, client = clients(fleet_config(sim, stream_idle_timeout_s=0.3, poll_interval_s=0.1))
+    abandoned = await slow_stream(client)  # never read, never closed
+    assert http.balancer.snapshot().in_flight == 1
+    await assert_all_slots_free(http, sim.url)
+    assert http.balancer.snapshot().counters.expired_leases == 1
+    await abandoned.close()

@@ -1,0 +1,121 @@
+"""Scheduling over simulated llama-servers on real sockets, with the real OpenAI SDK as client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+import pytest
+from openai import AsyncOpenAI
+
+from llamacpp_ha import HAAsyncClient, RouteInfo
+from llamacpp_ha.sim import SimServer
+
+from .helpers import chat, eventually, fleet_config
+
+pytestmark = pytest.mark.anyio
+
+Sims = Callable[..., SimServer]
+Clients = Callable[..., tuple[HAAsyncClient, AsyncOpenAI]]
+MODEL = "tiny-random-llama"
+
+
+async def stream_text(client: AsyncOpenAI, content: str, max_tokens: int = 20, **extra: Any) -> str:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=chat(content), max_tokens=max_tokens, stream=True, **extra
+    )
+    parts = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    return "".join(parts)
+
+
+async def test_never_more_requests_on_a_backend_than_it_has_slots(sims: Sims, clients: Clients) -> None:
+    a, b = sims(slots=1, decode_tokens_per_s=400), sims(slots=1, decode_tokens_per_s=400)
+    http, client = clients(fleet_config(a, b, policy="round_robin"))
+    arrivals: dict[str, float] = {}
+    dispatched: dict[str, float] = {}
+    peak_in_flight = {"b0": 0, "b1": 0}
+
+    async def on_request(request: httpx2.Request) -> None:
+        arrivals[request.content.decode()] = time.monotonic()
+
+    async def on_response(response: httpx2.Response) -> None:
+        info: RouteInfo = response.extensions["llamacpp_ha"]
+        dispatched[response.request.content.decode()] = arrivals[response.request.content.decode()] + info.queued_s
+        for backend in http.balancer.snapshot().backends:
+            peak_in_flight[backend.name] = max(peak_in_flight[backend.name], backend.in_flight)
+
+    http.event_hooks = {"request": [on_request], "response": [on_response]}
+    await http.balancer.start()
+    tasks = []
+    for i in range(6):
+        tasks.append(asyncio.create_task(stream_text(client, f"request {i}")))
+        # Let each request reach the queue before the next one is sent, so arrival order is known.
+        await eventually(lambda: len(arrivals) == len(tasks))
+    texts = await asyncio.gather(*tasks)
+
+    assert all(texts)
+    assert peak_in_flight == {"b0": 1, "b1": 1}
+    assert a.app.pool.peak_deferred == 0  # llama-server itself never had to queue anything
+    assert b.app.pool.peak_deferred == 0
+    order = sorted(dispatched, key=dispatched.__getitem__)
+    assert order == sorted(arrivals, key=arrivals.__getitem__)
+    assert http.balancer.snapshot().counters.requests == 6
+
+
+async def test_a_conversation_returns_to_the_backend_that_holds_its_prefix(sims: Sims, clients: Clients) -> None:
+    a, b = sims(slots=2), sims(slots=2)
+    _, client = clients(fleet_config(a, b))
+    turns = chat("Tell me about llamas.")
+    first = await client.chat.completions.with_raw_response.create(model=MODEL, messages=turns, max_tokens=8)
+    home = first.headers["x-llamacpp-ha-backend"]
+    reply = first.parse().choices[0].message.content or ""
+    for i in range(3):
+        turns = [*turns, {"role": "assistant", "content": reply}, {"role": "user", "content": f"And then {i}?"}]
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=turns, max_tokens=8)
+        completion = raw.parse()
+        reply = completion.choices[0].message.content or ""
+        assert raw.headers["x-llamacpp-ha-backend"] == home
+        # The backend's prompt cache served the earlier turns (timings.cache_n, a llama-server extra).
+        assert completion.model_extra is not None
+        assert completion.model_extra["timings"]["cache_n"] > 0
+
+
+async def test_a_full_preferred_backend_yields_to_a_free_one(sims: Sims, clients: Clients) -> None:
+    a, b = sims(slots=1, decode_tokens_per_s=100), sims(slots=1, decode_tokens_per_s=100)
+    http, client = clients(fleet_config(a, b))
+    turns = chat("Tell me about llamas.")
+    first = await client.chat.completions.with_raw_response.create(model=MODEL, messages=turns, max_tokens=2)
+    home = first.headers["x-llamacpp-ha-backend"]
+    home_sim, other = (a, "b1") if home == "b0" else (b, "b0")
+
+    # A long stream with the same opening (so the same affinity key) occupies the home backend.
+    blocker = await client.chat.completions.create(model=MODEL, messages=turns, max_tokens=200, stream=True)
+    await eventually(lambda: http.balancer.backend(home).in_flight == 1)
+    turns = [*turns, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    second = await client.chat.completions.with_raw_response.create(model=MODEL, messages=turns, max_tokens=2)
+    assert second.headers["x-llamacpp-ha-backend"] == other
+    counters = http.balancer.snapshot().counters
+    assert (counters.affinity_hits, counters.affinity_misses) == (1, 1)
+    await blocker.close()
+    await eventually(lambda: http.balancer.snapshot().in_flight == 0)
+    assert home_sim.app.pool.peak_deferred == 0
+
+
+async def test_requests_for_a_model_nobody_can_serve_now_do_not_block_others(sims: Sims, clients: Clients) -> None:
+    tiny = sims(slots=1, decode_tokens_per_s=100)
+    big = sims(slots=1, model="big-random-llama.gguf")
+    http, client = clients(fleet_config(tiny, big))
+    await http.balancer.start()
+    blocker = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=200, stream=True)
+    waiting = asyncio.create_task(stream_text(client, "b"))  # waits: the only tiny slot is busy
+    await eventually(lambda: http.balancer.snapshot().queue_depth == 1)
+    started = time.monotonic()
+    other = await client.chat.completions.create(model="big-random-llama", messages=chat("c"), max_tokens=2)
+    assert other.model == "big-random-llama.gguf"
+    assert time.monotonic() - started < 2  # not stuck behind the waiting tiny request
+    assert not waiting.done()
+    await blocker.close()
+    assert await waiting
