@@ -10,7 +10,7 @@ __all__ = ["SimConfig"]
 class SimConfig(BaseModel):
     """How a simulated llama-server behaves. The defaults imitate fixture server A (tiny model, CPU)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     model: str = "tiny-random-llama.gguf"
     """The model file name; ``/v1/models`` reports the first alias instead when aliases are given."""
