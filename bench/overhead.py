@@ -27,7 +27,11 @@ from llamacpp_ha import BackendConfig, BalancerConfig, ha_client
 from llamacpp_ha.sim import SimProcess
 
 RESULTS = Path(__file__).parent / "results"
-CHAT = {"model": "tiny-random-llama", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
+CHAT = {
+    "model": "tiny-random-llama",
+    "messages": [{"role": "user", "content": "Say hello."}],
+    "max_tokens": 4,
+}
 STREAM = {**CHAT, "max_tokens": 100, "stream": True}
 
 
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         with SimProcess(slots=64, prefill_tokens_per_s=math.inf, decode_tokens_per_s=math.inf) as sim:
             results = asyncio.run(measure(sim.url, args.requests, args.warmup, not args.quiet))
 
-    print(f"\n{'workload':<12} {'direct p50':>11} {'ha p50':>9} {'added p50':>10} {'added p99':>10} {'paired':>8}")
+    header = ("workload", "direct p50", "ha p50", "added p50", "added p99", "paired")
+    print("\n{:<12} {:>11} {:>9} {:>10} {:>10} {:>8}".format(*header))
     for label, r in results.items():
         print(
             f"{label:<12} {r['direct_p50_ms']:9.3f}ms {r['ha_p50_ms']:7.3f}ms {r['added_p50_ms']:8.3f}ms "

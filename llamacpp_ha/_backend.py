@@ -47,7 +47,7 @@ class Backend:
         self.in_flight = 0
         self.external = 0
         self.observed_busy: int | None = None
-        self.model_ids: tuple[str, ...] = config.models or ()
+        self.model_ids: tuple[str, ...] = tuple(config.models or ())
         self._names: frozenset[str] = frozenset(self._names_for(self.model_ids, ()))
         self.models_known = config.models is not None
         self.last_poll: float | None = None

@@ -29,7 +29,7 @@ class BackendConfig(BaseModel):
     """Sent as ``Authorization: Bearer`` on polls and forwarded requests (llama-server ``--api-key``)."""
     capacity: int | None = Field(default=None, ge=1)
     """Overrides the slot count read from ``/slots`` or ``/props``."""
-    models: tuple[str, ...] | None = None
+    models: list[str] | None = None
     """Overrides the model ids read from ``/v1/models``."""
 
     @field_validator("url")
@@ -65,7 +65,7 @@ class BalancerConfig(BaseSettings):
         frozen=True,
     )
 
-    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    backends: list[BackendConfig] = Field(min_length=1)
     policy: PolicyName = "affinity"
     """How a backend is chosen among those with a free slot."""
     poll_interval_s: float = Field(default=1.0, gt=0)
@@ -102,7 +102,7 @@ class BalancerConfig(BaseSettings):
 
     @field_validator("backends")
     @classmethod
-    def _unique_names(cls, backends: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
+    def _unique_names(cls, backends: list[BackendConfig]) -> list[BackendConfig]:
         names = [backend.name for backend in backends]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:

@@ -67,14 +67,21 @@ async def run_demo(
                     reply.append(chunk.choices[0].delta.content)
                 if chunk.usage is not None and chunk.usage.prompt_tokens_details is not None:
                     cached_tokens += chunk.usage.prompt_tokens_details.cached_tokens or 0
-            messages += [{"role": "assistant", "content": "".join(reply)}, {"role": "user", "content": f"more {turn}"}]
+            messages += [
+                {"role": "assistant", "content": "".join(reply)},
+                {"role": "user", "content": f"more {turn}"},
+            ]
             finished += 1
 
     started = time.monotonic()
     await http.balancer.start()
     tasks = [asyncio.create_task(conversation(i)) for i in range(conversations)]
     while not all(task.done() for task in tasks):
-        print(render(http.balancer.snapshot(), finished, total, time.monotonic() - started), file=out, flush=True)
+        print(
+            render(http.balancer.snapshot(), finished, total, time.monotonic() - started),
+            file=out,
+            flush=True,
+        )
         await asyncio.wait(tasks, timeout=0.5)
     await asyncio.gather(*tasks)
     snapshot = http.balancer.snapshot()
@@ -82,17 +89,22 @@ async def run_demo(
     await http.aclose()
 
     counters = snapshot.counters
-    print(f"\n{total} streamed chat turns in {elapsed:.1f} s over {len(snapshot.backends)} backends", file=out)
+    print(
+        f"\n{total} streamed chat turns in {elapsed:.1f} s over {len(snapshot.backends)} backends", file=out
+    )
     for backend in snapshot.backends:
         print(f"  {backend.name:<22} {served_by[backend.name]:4d} turns  ({backend.url})", file=out)
     hits, misses = counters.affinity_hits, counters.affinity_misses
     print(f"  later turns on their conversation's backend: {hits} of {hits + misses}", file=out)
     print(f"  prompt tokens served from the backends' caches: {cached_tokens}", file=out)
-    print(f"  longest queue wait: {counters.queue_wait_max_s * 1000:.0f} ms; retries: {counters.retries}", file=out)
+    print(
+        f"  longest queue wait: {counters.queue_wait_max_s * 1000:.0f} ms; retries: {counters.retries}",
+        file=out,
+    )
     return snapshot
 
 
-def config_model(config: BalancerConfig) -> str | None:
+def config_model(config: BalancerConfig) -> str:
     models = config.backends[0].models
     return models[0] if models else "tiny-random-llama"
 

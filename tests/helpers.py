@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from llamacpp_ha import BackendConfig, BalancerConfig
 from llamacpp_ha.sim import SimServer
@@ -43,5 +44,5 @@ async def sim_busy_slots(url: str) -> int:
     return sum(slot["is_processing"] for slot in slots)
 
 
-def chat(content: str, system: str = "You are terse.") -> list[dict[str, str]]:
+def chat(content: str, system: str = "You are terse.") -> list[ChatCompletionMessageParam]:
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]

@@ -35,8 +35,11 @@ async def test_two_balancers_share_nothing(sims: Sims, clients: Clients) -> None
         assert getattr(a, attribute) is not getattr(b, attribute), attribute
 
     await http_a.aclose()
-    assert a.closed and not b.closed
-    completion = await client_b.chat.completions.create(model="tiny-random-llama", messages=chat("c"), max_tokens=2)
+    assert a.closed
+    assert not b.closed
+    completion = await client_b.chat.completions.create(
+        model="tiny-random-llama", messages=chat("c"), max_tokens=2
+    )
     assert completion.choices
 
 

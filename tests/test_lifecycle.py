@@ -33,7 +33,9 @@ async def _idle(url: str) -> bool:
 
 
 async def slow_stream(client: AsyncOpenAI, tokens: int = 200) -> openai.AsyncStream[object]:
-    stream = await client.chat.completions.create(model=MODEL, messages=chat("go"), max_tokens=tokens, stream=True)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=chat("go"), max_tokens=tokens, stream=True
+    )
     return stream  # type: ignore[return-value]
 
 
@@ -83,7 +85,9 @@ async def test_consumer_cancelled_while_queued(sims: Sims, clients: Clients) -> 
     sim = sims(slots=1, decode_tokens_per_s=100)
     http, client = clients(fleet_config(sim))
     blocker = await slow_stream(client)
-    waiting = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=chat("q"), max_tokens=2))
+    waiting = asyncio.create_task(
+        client.chat.completions.create(model=MODEL, messages=chat("q"), max_tokens=2)
+    )
     await eventually(lambda: http.balancer.snapshot().queue_depth == 1)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):

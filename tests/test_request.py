@@ -5,10 +5,14 @@ import json
 import pytest
 
 from llamacpp_ha import BadRequestError
-from llamacpp_ha._request import parse_request
+from llamacpp_ha._request import RequestFacts, parse_request
 
 
-def parse(path: str, body: object, headers: dict[str, str] | None = None) -> object:
+def no_headers(name: str) -> str | None:
+    return None
+
+
+def parse(path: str, body: object, headers: dict[str, str] | None = None) -> RequestFacts:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return parse_request(path, (headers or {}).get, raw, prefix_chars=4096)
 
@@ -23,8 +27,8 @@ def chat_body(text: str, system: str = "sys", **extra: object) -> dict[str, obje
 
 def test_reads_model_and_stream() -> None:
     facts = parse("/v1/chat/completions", chat_body("hi", stream=True))
-    assert facts.model == "m"  # type: ignore[attr-defined]
-    assert facts.stream is True  # type: ignore[attr-defined]
+    assert facts.model == "m"
+    assert facts.stream is True
 
 
 @pytest.mark.parametrize(
@@ -52,35 +56,36 @@ def test_bad_bodies_are_refused(path: str, body: object, message: str) -> None:
 def test_turns_of_one_conversation_share_a_key() -> None:
     first = parse("/v1/chat/completions", chat_body("plan a trip"))
     body = chat_body("plan a trip")
-    body["messages"] += [{"role": "assistant", "content": "where?"}, {"role": "user", "content": "Rome"}]  # type: ignore[operator]
+    assert isinstance(body["messages"], list)
+    body["messages"] += [{"role": "assistant", "content": "where?"}, {"role": "user", "content": "Rome"}]
     second = parse("/v1/chat/completions", body)
-    assert first.affinity_key == second.affinity_key  # type: ignore[attr-defined]
-    assert first.affinity_key.startswith("prefix:")  # type: ignore[attr-defined]
+    assert first.affinity_key == second.affinity_key
+    assert (first.affinity_key or "").startswith("prefix:")
 
 
 def test_conversations_with_a_shared_system_prompt_get_different_keys() -> None:
     one = parse("/v1/chat/completions", chat_body("plan a trip", system="shared"))
     other = parse("/v1/chat/completions", chat_body("write a poem", system="shared"))
-    assert one.affinity_key != other.affinity_key  # type: ignore[attr-defined]
+    assert one.affinity_key != other.affinity_key
 
 
 def test_the_model_is_part_of_the_key() -> None:
     one = parse("/v1/chat/completions", chat_body("hi"))
     other = parse("/v1/chat/completions", {**chat_body("hi"), "model": "other"})
-    assert one.affinity_key != other.affinity_key  # type: ignore[attr-defined]
+    assert one.affinity_key != other.affinity_key
 
 
 def test_session_header_then_user_field_take_precedence() -> None:
     body = chat_body("hi", user="alice")
-    assert parse("/v1/chat/completions", body, {"x-session-id": "s1"}).affinity_key == "session:s1"  # type: ignore[attr-defined]
-    assert parse("/v1/chat/completions", body).affinity_key == "user:alice"  # type: ignore[attr-defined]
+    assert parse("/v1/chat/completions", body, {"x-session-id": "s1"}).affinity_key == "session:s1"
+    assert parse("/v1/chat/completions", body).affinity_key == "user:alice"
 
 
 def test_prompt_key_uses_only_the_leading_characters() -> None:
     long_a = parse_request(
-        "/v1/completions", {}.get, json.dumps({"prompt": "x" * 50 + "a"}).encode(), prefix_chars=50
+        "/v1/completions", no_headers, json.dumps({"prompt": "x" * 50 + "a"}).encode(), prefix_chars=50
     )
     long_b = parse_request(
-        "/v1/completions", {}.get, json.dumps({"prompt": "x" * 50 + "b"}).encode(), prefix_chars=50
+        "/v1/completions", no_headers, json.dumps({"prompt": "x" * 50 + "b"}).encode(), prefix_chars=50
     )
     assert long_a.affinity_key == long_b.affinity_key

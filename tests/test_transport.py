@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx2
 import pytest
+from pydantic import SecretStr
 
 from llamacpp_ha import BackendConfig, BackendState, BalancerConfig, HATransport, RouteInfo
 
@@ -59,7 +60,9 @@ async def test_rewrites_scheme_host_and_port_and_keeps_path_and_query(client_for
 
 async def test_backend_api_key_and_path_prefix() -> None:
     fleet = MockFleet.of("gpu1")
-    config = BalancerConfig(backends=[BackendConfig(url="http://gpu1:8080/llama/", api_key="secret")])
+    config = BalancerConfig(
+        backends=[BackendConfig(url="http://gpu1:8080/llama/", api_key=SecretStr("secret"))]
+    )
     polled: list[tuple[str, str]] = []
 
     def handle(request: httpx2.Request) -> httpx2.Response:

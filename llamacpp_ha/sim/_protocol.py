@@ -71,7 +71,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 
 # A native completion's generation_settings: the params plus sampling fields /props omits.
-_SETTINGS_EXTRA_AFTER = {
+_SETTINGS_EXTRA_AFTER: dict[str, dict[str, Any]] = {
     "dry_penalty_last_n": {"dry_sequence_breakers": ["\n", ":", '"', "*"]},
     "adaptive_decay": {"stop": []},
     "stream": {"logit_bias": []},
