@@ -191,12 +191,6 @@ class Balancer:
         if self._closed:
             raise BalancerClosedError("The balancer is closed.")
         model = self.resolve_model(facts.model)
-        if not excluded and len(self.queue) >= self.config.max_queue:
-            self.stats.queue_rejections += 1
-            raise QueueFullError(
-                f"{len(self.queue)} requests are already waiting for a slot (max_queue).",
-                retry_after_s=self._retry_after_s(),
-            )
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = deadline if deadline is not None else now + self.config.queue_timeout_s
@@ -206,6 +200,14 @@ class Balancer:
         )
         self.queue.push(waiter)
         self.scheduler.dispatch()
+        if not future.done() and not excluded and len(self.queue) > self.config.max_queue:
+            # Only requests that must wait count against the bound (a retry keeps its place).
+            self._give_up(waiter)
+            self.stats.queue_rejections += 1
+            raise QueueFullError(
+                f"{len(self.queue)} requests are already waiting for a slot (max_queue).",
+                retry_after_s=self._retry_after_s(),
+            )
         if not future.done():
             try:
                 async with asyncio.timeout_at(deadline):

@@ -115,6 +115,11 @@ class HATransport(httpx2.AsyncBaseTransport):
                 failures.append(f"{backend.name}: {type(exc).__name__}")
             except BaseException:
                 lease.release()
+                if not facts.stream:
+                    # llama-server notices a vanished non-stream client late or never (it checks
+                    # only after 1 s without results on the whole server): count the slot as
+                    # busy until the next /slots poll says otherwise.
+                    backend.external += 1
                 raise
             else:
                 if response.status_code == 503 and await _is_loading(response):

@@ -109,3 +109,17 @@ async def test_models_list_comes_from_the_registry(sims: Sims, clients: Clients)
     _, client = clients(fleet_config(tiny, big))
     models = await client.models.list()
     assert [model.id for model in models.data] == ["tiny-random-llama.gguf", "big-random-llama.gguf"]
+
+
+async def test_max_queue_zero_still_serves_free_slots(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=100)
+    http, client = clients(fleet_config(sim, max_queue=0))
+    completion = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=2)
+    assert completion.choices
+    blocker = await client.chat.completions.create(
+        model=MODEL, messages=chat("a"), max_tokens=200, stream=True
+    )
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model=MODEL, messages=chat("b"), max_tokens=2)
+    assert http.balancer.snapshot().queue_depth == 0
+    await blocker.close()

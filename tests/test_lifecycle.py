@@ -157,3 +157,23 @@ async def test_abandoned_stream_is_closed_after_the_idle_deadline(sims: Sims, cl
     await assert_all_slots_free(http, sim.url)
     assert http.balancer.snapshot().counters.expired_leases == 1
     await abandoned.close()
+
+
+async def test_consumer_cancelled_while_waiting_for_a_non_stream_response(
+    sims: Sims, clients: Clients
+) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=50, disconnect_check_s=0.3)
+    http, client = clients(fleet_config(sim))
+    task = asyncio.create_task(
+        client.chat.completions.create(model=MODEL, messages=chat("x"), max_tokens=200)
+    )
+    await eventually(lambda: http.balancer.snapshot().in_flight == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Ours is back at once, but the backend is still generating: the slot is not free yet.
+    assert http.balancer.snapshot().in_flight == 0
+    assert http.balancer.snapshot().backends[0].free == 0
+    await assert_all_slots_free(http, sim.url)
+    await eventually(lambda: http.balancer.snapshot().backends[0].free == 1)
+    assert sim.app.pool.peak_deferred == 0
