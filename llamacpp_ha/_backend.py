@@ -51,6 +51,8 @@ class Backend:
         self._names: frozenset[str] = frozenset(self._names_for(self.model_ids, ()))
         self.models_known = config.models is not None
         self.last_poll: float | None = None
+        self.polled = False
+        """At least one poll finished (whatever it found)."""
         self.requests = 0
         self.errors = 0
 

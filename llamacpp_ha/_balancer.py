@@ -52,6 +52,7 @@ class Balancer:
             self.backends, self.queue, make_policy(config.policy), self.affinity, self.stats
         )
         self._poll_client: httpx2.AsyncClient | None = None
+        self._registry_instance: Registry | None = None
         self._poller: asyncio.Task[None] | None = None
         self._polled = asyncio.Event()
         self._wake_poller = asyncio.Event()
@@ -103,17 +104,31 @@ class Balancer:
         if self._poll_client is not None:
             await self._poll_client.aclose()
             self._poll_client = None
+            self._registry_instance = None
 
     async def poll_now(self) -> None:
         """Poll every backend once, then dispatch what the new state allows."""
-        if self._poll_client is None:
-            self._poll_client = httpx2.AsyncClient(
+        await asyncio.gather(*(self.poll_backend(backend) for backend in self.backends))
+
+    async def poll_backend(self, backend: Backend) -> None:
+        """Poll one backend and act on the result at once."""
+        try:
+            await self._registry().poll(backend)
+        except Exception:
+            logger.exception("polling backend %s failed", backend.name)
+        backend.polled = True
+        if all(b.polled for b in self.backends):
+            self._polled.set()
+        self.scheduler.dispatch()
+
+    def _registry(self) -> Registry:
+        if self._registry_instance is None:
+            client = httpx2.AsyncClient(
                 transport=self._poll_transport, limits=httpx2.Limits(keepalive_expiry=4.0)
             )
-        await Registry(self.backends, self._poll_client, self.config.poll_timeout_s).poll_all()
-        self._polled.set()
-        await self._expire_idle_leases()
-        self.scheduler.dispatch()
+            self._poll_client = client
+            self._registry_instance = Registry(self.backends, client, self.config.poll_timeout_s)
+        return self._registry_instance
 
     def wake_poller(self) -> None:
         """Poll soon instead of at the next interval (a backend just failed)."""
@@ -252,19 +267,31 @@ class Balancer:
 
 
 async def _poll_forever(balancer_ref: weakref.ref[Balancer], wake: asyncio.Event) -> None:
-    # Holds the balancer only while polling, so a balancer dropped without aclose() is
-    # collected and its poller ends instead of running until the loop closes.
-    while True:
-        balancer = balancer_ref()
-        if balancer is None or balancer.closed:
-            return
-        try:
-            await balancer.poll_now()
-        except Exception:
-            logger.exception("polling the backends failed")
-        interval = balancer.config.poll_interval_s
-        del balancer
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
-                await wake.wait()
-        wake.clear()
+    # Each backend has at most one poll on the wire, started every interval once the previous
+    # one finished: a backend that hangs until the poll timeout delays no other backend.
+    # The balancer is held only while starting polls, so one dropped without aclose() is
+    # collected and this task ends instead of running until the loop closes.
+    polls: dict[int, asyncio.Task[None]] = {}
+    try:
+        while True:
+            balancer = balancer_ref()
+            if balancer is None or balancer.closed:
+                return
+            for index, backend in enumerate(balancer.backends):
+                running = polls.get(index)
+                if running is None or running.done():
+                    polls[index] = asyncio.create_task(balancer.poll_backend(backend))
+            try:
+                await balancer._expire_idle_leases()
+            except Exception:
+                logger.exception("closing idle responses failed")
+            interval = balancer.config.poll_interval_s
+            del balancer
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await wake.wait()
+            wake.clear()
+    finally:
+        for task in polls.values():
+            task.cancel()
+        await asyncio.gather(*polls.values(), return_exceptions=True)
