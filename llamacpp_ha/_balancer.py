@@ -280,7 +280,9 @@ async def _poll_forever(balancer_ref: weakref.ref[Balancer], wake: asyncio.Event
             for index, backend in enumerate(balancer.backends):
                 running = polls.get(index)
                 if running is None or running.done():
-                    polls[index] = asyncio.create_task(balancer.poll_backend(backend))
+                    polls[index] = asyncio.create_task(
+                        balancer.poll_backend(backend), name=f"llamacpp-ha-poll-{backend.name}"
+                    )
             try:
                 await balancer._expire_idle_leases()
             except Exception:

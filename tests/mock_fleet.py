@@ -55,6 +55,7 @@ class MockBackend:
     health: int = 200
     reachable: bool = True
     model: str = "tiny-random-llama.gguf"
+    sleeping: bool = False
     inference: Inference = chat_ok
 
     @property
@@ -66,7 +67,9 @@ class MockBackend:
 class MockFleet:
     backends: dict[str, MockBackend] = field(default_factory=dict)
     requests: list[httpx2.Request] = field(default_factory=list)
-    """Every non-poll request, in order."""
+    """Every request that is not a /health, /props, /v1/models or /slots poll, in order."""
+    polls: list[str] = field(default_factory=list)
+    """``host path`` of every poll, in order."""
 
     @classmethod
     def of(cls, *names: str, **settings: Any) -> MockFleet:
@@ -91,10 +94,12 @@ class MockFleet:
             return httpx2.Response(503, json=body)
         config = SimConfig(model=backend.model, slots=backend.slots)
         path = request.url.path
+        if request.method == "GET" and path in ("/health", "/props", "/v1/models", "/slots"):
+            self.polls.append(f"{backend.name} {path}")
         if request.method == "GET" and path == "/health":
             return httpx2.Response(200, json={"status": "ok"})
         if request.method == "GET" and path == "/props":
-            return httpx2.Response(200, json=props_body(config))
+            return httpx2.Response(200, json=props_body(config) | {"is_sleeping": backend.sleeping})
         if request.method == "GET" and path == "/v1/models":
             return httpx2.Response(200, json=models_body(config, 0))
         if request.method == "GET" and path == "/slots":
