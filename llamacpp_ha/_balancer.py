@@ -39,18 +39,14 @@ class Balancer:
     :meth:`aclose`; nothing is shared with any other balancer.
     """
 
-    def __init__(
-        self, config: BalancerConfig, *, poll_transport: httpx2.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, config: BalancerConfig, *, poll_transport: httpx2.AsyncBaseTransport | None = None) -> None:
         self.config = config
         self._poll_transport = poll_transport
         self.backends = [Backend(backend) for backend in config.backends]
         self.stats = Stats()
         self.queue = WaitQueue()
         self.affinity = AffinityTable(config.affinity_ttl_s, config.affinity_max_entries)
-        self.scheduler = Scheduler(
-            self.backends, self.queue, make_policy(config.policy), self.affinity, self.stats
-        )
+        self.scheduler = Scheduler(self.backends, self.queue, make_policy(config.policy), self.affinity, self.stats)
         self._poll_client: httpx2.AsyncClient | None = None
         self._registry_instance: Registry | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -93,9 +89,7 @@ class Balancer:
             return
         self._closed = True
         for waiter in self.queue.drain():
-            waiter.future.set_exception(
-                BalancerClosedError("The balancer was closed while the request waited.")
-            )
+            waiter.future.set_exception(BalancerClosedError("The balancer was closed while the request waited."))
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -123,9 +117,7 @@ class Balancer:
 
     def _registry(self) -> Registry:
         if self._registry_instance is None:
-            client = httpx2.AsyncClient(
-                transport=self._poll_transport, limits=httpx2.Limits(keepalive_expiry=4.0)
-            )
+            client = httpx2.AsyncClient(transport=self._poll_transport, limits=httpx2.Limits(keepalive_expiry=4.0))
             self._poll_client = client
             self._registry_instance = Registry(self.backends, client, self.config.poll_timeout_s)
         return self._registry_instance
@@ -138,9 +130,7 @@ class Balancer:
         now = time.monotonic()
         limit = self.config.stream_idle_timeout_s
         for lease in [lease for lease in self.scheduler.leases if lease.idle_for(now) > limit]:
-            logger.warning(
-                "closing a response from %s that nobody read for %.0f s", lease.backend.name, limit
-            )
+            logger.warning("closing a response from %s that nobody read for %.0f s", lease.backend.name, limit)
             self.stats.expired_leases += 1
             try:
                 if lease.closer is not None:
@@ -158,9 +148,7 @@ class Balancer:
             return model  # some backend has not said what it serves yet: wait for it
         self.stats.models_not_found += 1
         available = ", ".join(self.model_ids()) or "none"
-        raise ModelNotFoundError(
-            f"The model '{model}' does not exist on any backend. Available models: {available}."
-        )
+        raise ModelNotFoundError(f"The model '{model}' does not exist on any backend. Available models: {available}.")
 
     def could_serve(self, model: str | None, excluded: set[str]) -> bool:
         """Whether a healthy backend outside ``excluded`` serves the model (a retry may wait for it)."""
@@ -210,9 +198,7 @@ class Balancer:
         now = loop.time()
         deadline = deadline if deadline is not None else now + self.config.queue_timeout_s
         future: asyncio.Future[Lease] = loop.create_future()
-        waiter = Waiter(
-            self.queue.next_seq() if seq is None else seq, model, facts.affinity_key, excluded, future, now
-        )
+        waiter = Waiter(self.queue.next_seq() if seq is None else seq, model, facts.affinity_key, excluded, future, now)
         self.queue.push(waiter)
         self.scheduler.dispatch()
         if not future.done() and not excluded and len(self.queue) > self.config.max_queue:

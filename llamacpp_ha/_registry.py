@@ -34,9 +34,7 @@ class Registry:
         await asyncio.gather(*(self.poll(backend) for backend in self.backends))
 
     async def _get(self, backend: Backend, path: str) -> httpx2.Response:
-        return await self._client.get(
-            backend.url + path, headers=backend_auth_headers(backend), timeout=self._timeout
-        )
+        return await self._client.get(backend.url + path, headers=backend_auth_headers(backend), timeout=self._timeout)
 
     async def poll(self, backend: Backend) -> None:
         in_flight_when_asked = backend.in_flight
@@ -52,9 +50,7 @@ class Registry:
             backend.set_state(BackendState.DEAD, f"/health answered {health.status_code}")
             return
         try:
-            props, models = await asyncio.gather(
-                self._get(backend, "/props"), self._get(backend, "/v1/models")
-            )
+            props, models = await asyncio.gather(self._get(backend, "/props"), self._get(backend, "/v1/models"))
         except httpx2.HTTPError as exc:
             backend.set_state(BackendState.DEAD, f"/props: {type(exc).__name__}: {exc}".rstrip(": "))
             return

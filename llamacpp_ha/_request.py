@@ -39,9 +39,7 @@ class RequestFacts:
     affinity_key: str | None
 
 
-def parse_request(
-    path: str, header: Callable[[str], str | None], body: bytes, prefix_chars: int
-) -> RequestFacts:
+def parse_request(path: str, header: Callable[[str], str | None], body: bytes, prefix_chars: int) -> RequestFacts:
     """Read the routing facts of a slot-consuming request; raise BadRequestError for a bad body."""
     try:
         payload = json.loads(body) if body else None
@@ -96,9 +94,7 @@ def _affinity_key(
 
 def _leading_messages(messages: list[Any]) -> str:
     """The system prompt plus the first user message: what stays the same for a whole conversation."""
-    system = next(
-        (m for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")), None
-    )
+    system = next((m for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")), None)
     user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
     return "\0".join(_content_text(m) for m in (system, user))
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -66,6 +67,8 @@ class LeasedStream(httpx2.AsyncByteStream):
             return
         self._closed = True
         try:
-            await self._upstream.aclose()
+            # Shielded: under a cancelled anyio scope (a server whose client left) every await
+            # is cancelled again, and an unclosed connection keeps llama-server generating.
+            await asyncio.shield(self._upstream.aclose())
         finally:
             self._lease.release()

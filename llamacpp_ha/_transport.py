@@ -50,6 +50,8 @@ class RouteInfo:
     """Backends tried; more than 1 when earlier ones failed before answering."""
     affinity: str | None
     """``hit``, ``miss`` (the conversation's backend was full) or ``new``; None without a key."""
+    model: str | None
+    """The model the request asked for."""
 
 
 class HATransport(httpx2.AsyncBaseTransport):
@@ -59,9 +61,7 @@ class HATransport(httpx2.AsyncBaseTransport):
     query are kept. ``GET /v1/models`` is answered from the registry.
     """
 
-    def __init__(
-        self, config: BalancerConfig | Balancer, *, upstream: httpx2.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, config: BalancerConfig | Balancer, *, upstream: httpx2.AsyncBaseTransport | None = None) -> None:
         self.balancer = config if isinstance(config, Balancer) else Balancer(config, poll_transport=upstream)
         self._upstream = upstream or httpx2.AsyncHTTPTransport(
             # Below llama-server's 5 s keep-alive, so we rarely reuse a connection it is closing.
@@ -127,7 +127,7 @@ class HATransport(httpx2.AsyncBaseTransport):
                     backend.set_state(BackendState.LOADING, "answered 503 Loading model")
                     failures.append(f"{backend.name}: loading")
                 else:
-                    info = RouteInfo(backend.name, queued_s, attempt, lease.affinity)
+                    info = RouteInfo(backend.name, queued_s, attempt, lease.affinity, facts.model)
                     return self._leased_response(response, lease, info)
             excluded.add(backend.name)
             if attempt == config.max_attempts or not balancer.could_serve(facts.model, excluded):
@@ -169,9 +169,7 @@ class HATransport(httpx2.AsyncBaseTransport):
                 continue
             response.headers[BACKEND_HEADER] = backend.name
             return response
-        raise NoBackendError(
-            "No backend is available." + (f" Failed: {', '.join(failures)}." if failures else "")
-        )
+        raise NoBackendError("No backend is available." + (f" Failed: {', '.join(failures)}." if failures else ""))
 
     async def _send(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Response:
         upstream = self._upstream_request(request, backend, body)
@@ -225,6 +223,4 @@ async def _is_loading(response: httpx2.Response) -> bool:
 
 
 def _json_response(status: int, body: Any) -> httpx2.Response:
-    return httpx2.Response(
-        status, headers={"content-type": "application/json"}, content=json.dumps(body).encode()
-    )
+    return httpx2.Response(status, headers={"content-type": "application/json"}, content=json.dumps(body).encode())

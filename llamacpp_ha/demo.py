@@ -89,9 +89,7 @@ async def run_demo(
     await http.aclose()
 
     counters = snapshot.counters
-    print(
-        f"\n{total} streamed chat turns in {elapsed:.1f} s over {len(snapshot.backends)} backends", file=out
-    )
+    print(f"\n{total} streamed chat turns in {elapsed:.1f} s over {len(snapshot.backends)} backends", file=out)
     for backend in snapshot.backends:
         print(f"  {backend.name:<22} {served_by[backend.name]:4d} turns  ({backend.url})", file=out)
     hits, misses = counters.affinity_hits, counters.affinity_misses

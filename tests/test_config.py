@@ -105,9 +105,7 @@ def test_a_bad_backend_url_is_refused(url: str) -> None:
 
 def test_backend_names_must_be_unique() -> None:
     with pytest.raises(ValidationError, match="repeated: a"):
-        BalancerConfig(
-            backends=[BackendConfig(url="http://x:1", name="a"), BackendConfig(url="http://y:1", name="a")]
-        )
+        BalancerConfig(backends=[BackendConfig(url="http://x:1", name="a"), BackendConfig(url="http://y:1", name="a")])
 
 
 def test_at_least_one_backend_is_required() -> None:

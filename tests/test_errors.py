@@ -43,12 +43,8 @@ def error_of(exc: openai.APIStatusError) -> dict[str, object]:
 async def test_queue_full_is_429_and_not_retried(sims: Sims, clients: Clients) -> None:
     sim = sims(slots=1, decode_tokens_per_s=100)
     http, client = clients(fleet_config(sim, max_queue=1))
-    blocker = await client.chat.completions.create(
-        model=MODEL, messages=chat("a"), max_tokens=200, stream=True
-    )
-    queued = asyncio.create_task(
-        client.chat.completions.create(model=MODEL, messages=chat("b"), max_tokens=2)
-    )
+    blocker = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=200, stream=True)
+    queued = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=chat("b"), max_tokens=2))
     await eventually(lambda: http.balancer.snapshot().queue_depth == 1)
     sent = count_requests(http)
     with pytest.raises(openai.RateLimitError) as caught:
@@ -63,9 +59,7 @@ async def test_queue_full_is_429_and_not_retried(sims: Sims, clients: Clients) -
 async def test_queue_deadline_is_503_and_not_retried(sims: Sims, clients: Clients) -> None:
     sim = sims(slots=1, decode_tokens_per_s=100)
     http, client = clients(fleet_config(sim, queue_timeout_s=0.2))
-    blocker = await client.chat.completions.create(
-        model=MODEL, messages=chat("a"), max_tokens=200, stream=True
-    )
+    blocker = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=200, stream=True)
     sent = count_requests(http)
     with pytest.raises(openai.InternalServerError) as caught:
         await client.chat.completions.create(model=MODEL, messages=chat("b"), max_tokens=2)
@@ -116,9 +110,7 @@ async def test_max_queue_zero_still_serves_free_slots(sims: Sims, clients: Clien
     http, client = clients(fleet_config(sim, max_queue=0))
     completion = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=2)
     assert completion.choices
-    blocker = await client.chat.completions.create(
-        model=MODEL, messages=chat("a"), max_tokens=200, stream=True
-    )
+    blocker = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=200, stream=True)
     with pytest.raises(openai.RateLimitError):
         await client.chat.completions.create(model=MODEL, messages=chat("b"), max_tokens=2)
     assert http.balancer.snapshot().queue_depth == 0

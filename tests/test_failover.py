@@ -26,9 +26,7 @@ POLL_S = 0.25
 async def test_backend_killed_under_load(sims: Sims, clients: Clients) -> None:
     survivor = sims(slots=1, decode_tokens_per_s=200)
     with SimProcess(slots=1, decode_tokens_per_s=100) as doomed:
-        http, client = clients(
-            fleet_config(doomed.url, survivor, poll_interval_s=POLL_S, policy="round_robin")
-        )
+        http, client = clients(fleet_config(doomed.url, survivor, poll_interval_s=POLL_S, policy="round_robin"))
         await http.balancer.start()
         backend_of: dict[int, str] = {}
         first_chunk = asyncio.Event()

@@ -37,9 +37,7 @@ async def test_two_balancers_share_nothing(sims: Sims, clients: Clients) -> None
     await http_a.aclose()
     assert a.closed
     assert not b.closed
-    completion = await client_b.chat.completions.create(
-        model="tiny-random-llama", messages=chat("c"), max_tokens=2
-    )
+    completion = await client_b.chat.completions.create(model="tiny-random-llama", messages=chat("c"), max_tokens=2)
     assert completion.choices
 
 

@@ -33,9 +33,7 @@ async def _idle(url: str) -> bool:
 
 
 async def slow_stream(client: AsyncOpenAI, tokens: int = 200) -> openai.AsyncStream[object]:
-    stream = await client.chat.completions.create(
-        model=MODEL, messages=chat("go"), max_tokens=tokens, stream=True
-    )
+    stream = await client.chat.completions.create(model=MODEL, messages=chat("go"), max_tokens=tokens, stream=True)
     return stream  # type: ignore[return-value]
 
 
@@ -85,9 +83,7 @@ async def test_consumer_cancelled_while_queued(sims: Sims, clients: Clients) -> 
     sim = sims(slots=1, decode_tokens_per_s=100)
     http, client = clients(fleet_config(sim))
     blocker = await slow_stream(client)
-    waiting = asyncio.create_task(
-        client.chat.completions.create(model=MODEL, messages=chat("q"), max_tokens=2)
-    )
+    waiting = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=chat("q"), max_tokens=2))
     await eventually(lambda: http.balancer.snapshot().queue_depth == 1)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -159,14 +155,10 @@ async def test_abandoned_stream_is_closed_after_the_idle_deadline(sims: Sims, cl
     await abandoned.close()
 
 
-async def test_consumer_cancelled_while_waiting_for_a_non_stream_response(
-    sims: Sims, clients: Clients
-) -> None:
+async def test_consumer_cancelled_while_waiting_for_a_non_stream_response(sims: Sims, clients: Clients) -> None:
     sim = sims(slots=1, decode_tokens_per_s=50, disconnect_check_s=0.3)
     http, client = clients(fleet_config(sim))
-    task = asyncio.create_task(
-        client.chat.completions.create(model=MODEL, messages=chat("x"), max_tokens=200)
-    )
+    task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=chat("x"), max_tokens=200))
     await eventually(lambda: http.balancer.snapshot().in_flight == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -29,9 +29,7 @@ def hung_backend() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-async def test_a_hung_backend_does_not_slow_the_others(
-    sims: Sims, clients: Clients, hung_backend: str
-) -> None:
+async def test_a_hung_backend_does_not_slow_the_others(sims: Sims, clients: Clients, hung_backend: str) -> None:
     sim = sims(slots=2)
     http, _ = clients(fleet_config(hung_backend, sim, poll_interval_s=0.1, poll_timeout_s=1.0))
     await http.balancer.start()

@@ -43,9 +43,7 @@ async def test_never_more_requests_on_a_backend_than_it_has_slots(sims: Sims, cl
 
     async def on_response(response: httpx2.Response) -> None:
         info: RouteInfo = response.extensions["llamacpp_ha"]
-        dispatched[response.request.content.decode()] = (
-            arrivals[response.request.content.decode()] + info.queued_s
-        )
+        dispatched[response.request.content.decode()] = arrivals[response.request.content.decode()] + info.queued_s
         for backend in http.balancer.snapshot().backends:
             peak_in_flight[backend.name] = max(peak_in_flight[backend.name], backend.in_flight)
 
@@ -67,9 +65,7 @@ async def test_never_more_requests_on_a_backend_than_it_has_slots(sims: Sims, cl
     assert http.balancer.snapshot().counters.requests == 6
 
 
-async def test_a_conversation_returns_to_the_backend_that_holds_its_prefix(
-    sims: Sims, clients: Clients
-) -> None:
+async def test_a_conversation_returns_to_the_backend_that_holds_its_prefix(sims: Sims, clients: Clients) -> None:
     a, b = sims(slots=2), sims(slots=2)
     _, client = clients(fleet_config(a, b))
     turns = chat("Tell me about llamas.")
@@ -82,9 +78,7 @@ async def test_a_conversation_returns_to_the_backend_that_holds_its_prefix(
             {"role": "assistant", "content": reply},
             {"role": "user", "content": f"And then {i}?"},
         ]
-        raw = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=turns, max_tokens=8
-        )
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=turns, max_tokens=8)
         completion = raw.parse()
         reply = completion.choices[0].message.content or ""
         assert raw.headers["x-llamacpp-ha-backend"] == home
@@ -114,16 +108,12 @@ async def test_a_full_preferred_backend_yields_to_a_free_one(sims: Sims, clients
     assert home_sim.app.pool.peak_deferred == 0
 
 
-async def test_requests_for_a_model_nobody_can_serve_now_do_not_block_others(
-    sims: Sims, clients: Clients
-) -> None:
+async def test_requests_for_a_model_nobody_can_serve_now_do_not_block_others(sims: Sims, clients: Clients) -> None:
     tiny = sims(slots=1, decode_tokens_per_s=100)
     big = sims(slots=1, model="big-random-llama.gguf")
     http, client = clients(fleet_config(tiny, big))
     await http.balancer.start()
-    blocker = await client.chat.completions.create(
-        model=MODEL, messages=chat("a"), max_tokens=200, stream=True
-    )
+    blocker = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=200, stream=True)
     waiting = asyncio.create_task(stream_text(client, "b"))  # waits: the only tiny slot is busy
     await eventually(lambda: http.balancer.snapshot().queue_depth == 1)
     started = time.monotonic()

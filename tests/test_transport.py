@@ -60,9 +60,7 @@ async def test_rewrites_scheme_host_and_port_and_keeps_path_and_query(client_for
 
 async def test_backend_api_key_and_path_prefix() -> None:
     fleet = MockFleet.of("gpu1")
-    config = BalancerConfig(
-        backends=[BackendConfig(url="http://gpu1:8080/llama/", api_key=SecretStr("secret"))]
-    )
+    config = BalancerConfig(backends=[BackendConfig(url="http://gpu1:8080/llama/", api_key=SecretStr("secret"))])
     polled: list[tuple[str, str]] = []
 
     def handle(request: httpx2.Request) -> httpx2.Response:
@@ -70,9 +68,7 @@ async def test_backend_api_key_and_path_prefix() -> None:
         request.url = request.url.copy_with(raw_path=request.url.raw_path.removeprefix(b"/llama"))
         return fleet.handle(request)
 
-    async with httpx2.AsyncClient(
-        transport=HATransport(config, upstream=httpx2.MockTransport(handle))
-    ) as client:
+    async with httpx2.AsyncClient(transport=HATransport(config, upstream=httpx2.MockTransport(handle))) as client:
         response = await client.post("http://x/v1/chat/completions", json=CHAT, headers={"x-api-key": "user"})
     assert response.status_code == 200
     assert {path for path, _ in polled} >= {"/llama/health", "/llama/slots", "/llama/v1/chat/completions"}
@@ -98,9 +94,7 @@ async def test_a_stale_pooled_connection_is_retried_on_the_same_backend(client_f
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise httpx2.RemoteProtocolError(
-                "Server disconnected without sending a response.", request=request
-            )
+            raise httpx2.RemoteProtocolError("Server disconnected without sending a response.", request=request)
         return httpx2.Response(200, json={"ok": True})
 
     for backend in fleet.backends.values():
@@ -178,9 +172,7 @@ async def test_an_upstream_client_error_passes_through_unchanged(client_for: Cli
     assert len(fleet.requests) == 1
 
 
-@pytest.mark.parametrize(
-    "body", [b"{", b"[]", b'{"model": "m"}'], ids=["not-json", "not-object", "no-messages"]
-)
+@pytest.mark.parametrize("body", [b"{", b"[]", b'{"model": "m"}'], ids=["not-json", "not-object", "no-messages"])
 async def test_a_bad_body_is_400_without_touching_a_backend(client_for: Client, body: bytes) -> None:
     fleet = MockFleet.of("gpu1")
     client = client_for(fleet)

@@ -39,16 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         "api_key": args.api_key,
         "slots_endpoint": False if args.no_slots else None,
     }
-    config = SimConfig.model_validate(
-        config.model_dump() | {k: v for k, v in updates.items() if v is not None}
-    )
+    config = SimConfig.model_validate(config.model_dump() | {k: v for k, v in updates.items() if v is not None})
 
     import uvicorn
 
     app = SimulatedLlamaServer(config)
-    print(
-        f"simulated llama-server {config.model_id} ({config.slots} slots) on http://{args.host}:{args.port}"
-    )
+    print(f"simulated llama-server {config.model_id} ({config.slots} slots) on http://{args.host}:{args.port}")
     uvicorn.run(
         app,
         host=args.host,

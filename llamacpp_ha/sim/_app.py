@@ -115,9 +115,7 @@ class SimulatedLlamaServer:
             key = (header(scope, b"x-api-key") or b"").decode()
         return key == self.config.api_key
 
-    async def _route(
-        self, scope: Scope, receive: Receive, send: Send, method: str, path: str, origin: bytes
-    ) -> None:
+    async def _route(self, scope: Scope, receive: Receive, send: Send, method: str, path: str, origin: bytes) -> None:
         if method == "GET":
             await self._get(scope, send, path, origin)
             return
@@ -163,9 +161,7 @@ class SimulatedLlamaServer:
                 "requests_deferred": self.pool.deferred,
             }
             headers = [(b"process-start-time-unix", str(int(self._started)).encode())]
-            await send_response(
-                send, 200, metrics_text(values).encode(), b"text/plain; version=0.0.4", origin, headers
-            )
+            await send_response(send, 200, metrics_text(values).encode(), b"text/plain; version=0.0.4", origin, headers)
         else:
             await send_not_found(send, origin)
 
@@ -175,10 +171,7 @@ class SimulatedLlamaServer:
             await send_json(send, 501, error_body(501, message, "not_supported_error"), origin)
             return
         query = parse_qs(scope.get("query_string", b"").decode())
-        if (
-            query.get("fail_on_no_slot", ["0"])[0] not in ("0", "")
-            and self.pool.processing == self.config.slots
-        ):
+        if query.get("fail_on_no_slot", ["0"])[0] not in ("0", "") and self.pool.processing == self.config.slots:
             await send_json(send, 503, error_body(503, "no slot available", "unavailable_error"), origin)
             return
         await send_json(send, 200, slots_body(self.pool.slots), origin)
@@ -190,18 +183,14 @@ class SimulatedLlamaServer:
             return
         if path == "/apply-template":
             messages = body.get("messages", [])
-            await send_json(
-                send, 200, {"prompt": render_chat(messages if isinstance(messages, list) else [])}, origin
-            )
+            await send_json(send, 200, {"prompt": render_chat(messages if isinstance(messages, list) else [])}, origin)
         elif path == "/tokenize":
             pieces = tokenize(str(body.get("content", "")))
             if body.get("add_special"):
                 pieces.insert(0, "<s>")
             ids = [self._token_id(piece) for piece in pieces]
             tokens: list[Any] = (
-                [{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)]
-                if body.get("with_pieces")
-                else ids
+                [{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)] if body.get("with_pieces") else ids
             )
             await send_json(send, 200, {"tokens": tokens}, origin)
         else:

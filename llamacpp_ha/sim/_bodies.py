@@ -41,8 +41,7 @@ def final_body(config: SimConfig, job: Job, run: Run) -> dict[str, Any]:
         }
     if job.kind == "oai":
         choices = [
-            {"text": text, "index": i, "logprobs": None, "finish_reason": run.finish_reason}
-            for i in range(job.choices)
+            {"text": text, "index": i, "logprobs": None, "finish_reason": run.finish_reason} for i in range(job.choices)
         ]
         return {
             "choices": choices,

@@ -107,9 +107,7 @@ def new_completion_id() -> str:
     return "chatcmpl-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(32))
 
 
-def timings(
-    cache_n: int, prompt_n: int, prompt_ms: float, predicted_n: int, predicted_ms: float
-) -> dict[str, Any]:
+def timings(cache_n: int, prompt_n: int, prompt_ms: float, predicted_n: int, predicted_ms: float) -> dict[str, Any]:
     prompt_ms = max(prompt_ms, 1e-3)
     predicted_ms = max(predicted_ms, 1e-3)
     return {

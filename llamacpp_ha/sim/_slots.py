@@ -95,9 +95,7 @@ class SlotPool:
         self._start_deferred(slot)
 
     def _start_deferred(self, freed: SimSlot) -> None:
-        chosen = next(
-            (e for e in self._deferred if e.id_slot is not None and self._wrap(e.id_slot) == freed.id), None
-        )
+        chosen = next((e for e in self._deferred if e.id_slot is not None and self._wrap(e.id_slot) == freed.id), None)
         if chosen is None:
             chosen = next((e for e in self._deferred if e.id_slot is None), None)
         if chosen is None:

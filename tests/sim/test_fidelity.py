@@ -174,9 +174,7 @@ def compare(capture: Capture, recorded: Recorded, response: httpx2.Response) -> 
     assert response.status_code == recorded.status, name
     assert response.headers.get("content-type") == recorded.headers.get("content-type"), name
     assert response.headers["server"] == "llama.cpp", name
-    assert ("connection" in response.headers) == ("connection" in recorded.headers), (
-        f"{name}: Connection: close"
-    )
+    assert ("connection" in response.headers) == ("connection" in recorded.headers), f"{name}: Connection: close"
     content_type = recorded.headers.get("content-type", "")
     if content_type.startswith("text/event-stream"):
         expected, actual = sse_events(recorded.body), sse_events(response.text)
@@ -216,7 +214,5 @@ def test_the_simulator_answers_like_the_captured_server(server: str) -> None:
     with SimServer(**config) as sim, httpx2.Client(base_url=sim.url, timeout=10) as client:
         for capture in selected:
             recorded = parse_http((FIXTURES / f"{capture.name}.http").read_text())
-            response = client.request(
-                capture.method, capture.path, content=capture.body, headers=capture.headers
-            )
+            response = client.request(capture.method, capture.path, content=capture.body, headers=capture.headers)
             compare(capture, recorded, response)

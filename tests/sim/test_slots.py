@@ -40,9 +40,7 @@ async def test_a_repeated_prefix_comes_from_the_cache() -> None:
     with SimServer(slots=2) as sim:
         async with httpx2.AsyncClient(base_url=sim.url, timeout=10) as client:
             first = (await client.post("/completion", json={"prompt": PROMPT, "n_predict": 2})).json()
-            again = (
-                await client.post("/completion", json={"prompt": PROMPT + " more", "n_predict": 2})
-            ).json()
+            again = (await client.post("/completion", json={"prompt": PROMPT + " more", "n_predict": 2})).json()
             cold = (await client.post("/completion", json={"prompt": PROMPT, "cache_prompt": False})).json()
     assert first["timings"]["cache_n"] == 0
     assert again["timings"]["cache_n"] >= len(PROMPT.split())
@@ -53,14 +51,10 @@ async def test_a_repeated_prefix_comes_from_the_cache() -> None:
 async def test_a_pinned_slot_waits_even_when_another_is_idle() -> None:
     with SimServer(slots=2, decode_tokens_per_s=100) as sim:
         async with httpx2.AsyncClient(base_url=sim.url, timeout=10) as client:
-            first = asyncio.create_task(
-                client.post("/completion", json={"prompt": "a", "n_predict": 20, "id_slot": 0})
-            )
+            first = asyncio.create_task(client.post("/completion", json={"prompt": "a", "n_predict": 20, "id_slot": 0}))
             await asyncio.sleep(0.05)
             # id_slot 2 wraps to slot 0 (2 % 2), which is busy: deferred though slot 1 is idle.
-            second = asyncio.create_task(
-                client.post("/completion", json={"prompt": "b", "n_predict": 2, "id_slot": 2})
-            )
+            second = asyncio.create_task(client.post("/completion", json={"prompt": "b", "n_predict": 2, "id_slot": 2}))
             await asyncio.sleep(0.05)
             assert metric((await client.get("/metrics")).text, "requests_deferred") == 1
             assert (await second).json()["id_slot"] == 0

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route
+
+from llamacpp_ha import Balancer, HATransport
+
+from ._auth import ApiKeyMiddleware
+from ._config import ServerConfig
+from ._errors import error_body
+from ._metrics import ServerMetrics
+from ._monitor import MonitorHistory, monitor_page
+from ._proxy import ProxyEndpoint, ServerState
+
+__all__ = ["PROXIED_PATHS", "ServerContext", "create_app"]
+
+logger = logging.getLogger("llamacpp_ha.server")
+
+PROXIED_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/completion",
+    "/tokenize",
+    "/detokenize",
+)
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """Everything one app owns; ``app.state.llamacpp_ha``."""
+
+    config: ServerConfig
+    balancer: Balancer
+    state: ServerState
+    metrics: ServerMetrics
+    history: MonitorHistory
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | None = None) -> FastAPI:
+    """The OpenAI-compatible proxy over one balancer. Nothing is shared with other apps."""
+    balancer = Balancer(config, poll_transport=upstream)
+    transport = HATransport(balancer, upstream=upstream)
+    context = ServerContext(
+        config=config,
+        balancer=balancer,
+        state=ServerState(),
+        metrics=ServerMetrics(balancer),
+        history=MonitorHistory(balancer, config.server.monitor_history_s),
+    )
+    proxy = ProxyEndpoint(transport, context.state, context.metrics, config.server.max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await balancer.start()
+        sampler = asyncio.create_task(context.history.run(), name="llamacpp-ha-monitor-history")
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            await transport.aclose()
+
+    app = FastAPI(title="llamacpp-ha", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.llamacpp_ha = context
+    app.router.routes.extend(Route(path, proxy, methods=["POST"]) for path in PROXIED_PATHS)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if context.state.draining:
+            return _json(503, {"status": "draining", "in_flight": context.state.in_flight})
+        backends = balancer.snapshot().backends
+        routable = [b.name for b in backends if b.state == "healthy" and b.capacity > 0]
+        if routable:
+            return _json(200, {"status": "ok", "routable": routable, "backends": len(backends)})
+        reason = "; ".join(f"{b.name}: {b.state} ({b.reason})" for b in backends)
+        return _json(503, {"status": "unavailable", "reason": f"no backend is routable: {reason}"})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return _json(200, balancer.models_payload())
+
+    @app.get("/monitor")
+    async def monitor() -> Response:
+        return Response(monitor_page(), media_type="text/html; charset=utf-8")
+
+    @app.get("/monitor/data")
+    async def monitor_data() -> Response:
+        snapshot = balancer.snapshot()
+        server = {
+            "draining": context.state.draining,
+            "in_flight": context.state.in_flight,
+            "uptime_s": round(time.time() - context.state.started_at, 1),
+            "keys": [key.name for key in config.server.api_keys],
+        }
+        payload = {
+            "snapshot": snapshot.model_dump(mode="json"),
+            "history": context.history.samples(),
+            "server": server,
+        }
+        return _json(200, payload)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(context.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        codes = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
+        error_type, code = codes.get(exc.status_code, ("invalid_request_error", "http_error"))
+        message = {
+            404: f"No route {request.url.path}.",
+            405: f"{request.method} is not allowed on {request.url.path}.",
+        }
+        body = error_body(message.get(exc.status_code, str(exc.detail)), error_type, code)
+        return Response(body, status_code=exc.status_code, media_type="application/json", headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = error_body("Internal error in the balancer; see its log.", "server_error", "internal_error")
+        return Response(body, status_code=500, media_type="application/json")
+
+    app.add_middleware(ApiKeyMiddleware, keys=config.server.api_keys, exempt_paths=config.server.exempt_paths)
+    if config.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=config.server.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    return app

@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import httpx2
+from starlette.types import Message, Receive, Scope, Send
+
+from llamacpp_ha import HATransport, RouteInfo
+
+from ._auth import key_name
+from ._errors import error_body
+from ._metrics import ServerMetrics
+
+__all__ = ["ProxyEndpoint", "ServerState"]
+
+# The proxy's own key must not reach a backend (each backend's key comes from the config).
+_DROPPED_REQUEST_HEADERS = frozenset({b"host", b"authorization", b"x-api-key", b"connection", b"keep-alive"})
+_DROPPED_RESPONSE_HEADERS = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "server", "date", "access-control-allow-origin"}
+)
+
+
+@dataclass
+class ServerState:
+    """Per-app state the proxy and the lifecycle share."""
+
+    draining: bool = False
+    in_flight: int = 0
+    """Proxied requests accepted and not yet finished (queued, waiting or streaming)."""
+    started_at: float = field(default_factory=time.time)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no proxied request is in flight."""
+        if self.in_flight:
+            await self._idle.wait()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class ProxyEndpoint:
+    """Forwards one request through the engine's transport and streams the answer back as it comes.
+
+    The client's disconnect is watched from the moment the body is read: a client that leaves
+    while queued leaves the queue, one that leaves mid-stream closes the backend connection (so
+    llama-server stops generating), and either way the slot is given back.
+    """
+
+    def __init__(self, transport: HATransport, state: ServerState, metrics: ServerMetrics, max_body_bytes: int) -> None:
+        self._transport = transport
+        self._state = state
+        self._metrics = metrics
+        self._max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._state.draining:
+            await _send_error(send, 503, "The server is shutting down.", "unavailable_error", "draining", retry=True)
+            return
+        try:
+            body = await self._read_body(scope, receive)
+        except _BodyTooLarge:
+            message = f"The request body is larger than {self._max_body} bytes."
+            await _send_error(send, 413, message, "invalid_request_error", "request_too_large")
+            return
+        if body is None:
+            return  # the client left while sending
+        self._state.enter()
+        try:
+            await self._forward(scope, receive, send, body)
+        finally:
+            self._state.leave()
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        for header, value in scope["headers"]:
+            if header == b"content-length" and value.isdigit() and int(value) > self._max_body:
+                raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        started = time.perf_counter()
+        request = httpx2.Request(
+            scope["method"],
+            httpx2.URL(scheme="http", host="llamacpp-ha", path=scope["path"], query=scope["query_string"]),
+            headers=[(k, v) for k, v in scope["headers"] if k not in _DROPPED_REQUEST_HEADERS],
+            content=body,
+        )
+        status = 0
+        info: RouteInfo | None = None
+        completed = anyio.Event()
+        with anyio.CancelScope() as cancel_on_disconnect:
+            async with anyio.create_task_group() as watchers:
+                watchers.start_soon(_cancel_on_disconnect, receive, cancel_on_disconnect, completed)
+                response = await self._transport.handle_async_request(request)
+                try:
+                    status = response.status_code
+                    info = response.extensions.get("llamacpp_ha")
+                    headers = [
+                        (k.encode("latin-1"), v.encode("latin-1"))
+                        for k, v in response.headers.multi_items()
+                        if k not in _DROPPED_RESPONSE_HEADERS
+                    ]
+                    await send({"type": "http.response.start", "status": status, "headers": headers})
+                    first = True
+                    stream = response.stream
+                    assert isinstance(stream, httpx2.AsyncByteStream)
+                    async for chunk in stream:
+                        if first:
+                            self._metrics.time_to_first_byte.observe(time.perf_counter() - started)
+                            first = False
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    # uvicorn reports http.disconnect once the response is complete: not a client leaving.
+                    completed.set()
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finally:
+                    await response.aclose()
+                watchers.cancel_scope.cancel()
+        if cancel_on_disconnect.cancelled_caught:
+            status = 499  # nginx's "client closed request", for the metrics only
+        self._metrics.observe_request(info, status, key_name(scope))
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope, completed: anyio.Event) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            if not completed.is_set():
+                scope.cancel()
+            return
+
+
+async def _send_error(
+    send: Send, status: int, message: str, error_type: str, code: str, *, retry: bool = False
+) -> None:
+    body = error_body(message, error_type, code)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-should-retry", b"true" if retry else b"false"),
+    ]
+    if retry:
+        headers.append((b"retry-after-ms", b"1000"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
