@@ -10,6 +10,9 @@ from ._errors import error_body
 __all__ = ["ApiKeyMiddleware", "key_name"]
 
 _KEY_NAME = "llamacpp_ha.key_name"
+# The monitor's HTML holds no data (it asks for a key and fetches /monitor/data with it), so a
+# browser must be able to load it without one.
+_ALWAYS_PUBLIC = frozenset({"/monitor"})
 
 
 def key_name(scope: Scope) -> str:
@@ -28,7 +31,7 @@ class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, keys: list[ApiKey], exempt_paths: list[str]) -> None:
         self.app = app
         self._keys = [(key.key.get_secret_value().encode(), key.name) for key in keys]
-        self._exempt = frozenset(exempt_paths)
+        self._exempt = frozenset(exempt_paths) | _ALWAYS_PUBLIC
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._keys or scope["method"] == "OPTIONS" or scope["path"] in self._exempt:

@@ -136,13 +136,14 @@ class ProxyEndpoint:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     # uvicorn reports http.disconnect once the response is complete: not a client leaving.
                     completed.set()
+                    self._metrics.observe_request(info, status, key_name(scope))
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 finally:
                     await response.aclose()
                 watchers.cancel_scope.cancel()
-        if cancel_on_disconnect.cancelled_caught:
-            status = 499  # nginx's "client closed request", for the metrics only
-        self._metrics.observe_request(info, status, key_name(scope))
+        if cancel_on_disconnect.cancelled_caught and not completed.is_set():
+            # 499 is nginx's "client closed request", for the metrics only.
+            self._metrics.observe_request(info, 499, key_name(scope))
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope, completed: anyio.Event) -> None:
