@@ -1,38 +1,43 @@
-"""Added latency of ha_client over a direct httpx2.AsyncClient to the same backend.
+"""What the balancer costs per request: ha_client and llamacpp-ha-server against a direct client.
 
-    python -m bench.overhead [--requests 1000] [--backend URL]
+    python -m bench.overhead [--requests 1000] [--backend URL] [--no-proxy]
 
-Both clients talk to one simulated llama-server that answers instantly (its own process, so
-it does not share our event loop), or to ``--backend``. Requests alternate between the two
-clients in random order, after a warm-up, so both see the same machine noise. Prints a table
-and writes ``bench/results/overhead.json``.
+One simulated llama-server that answers instantly runs in its own process (or ``--backend``
+is a real llama-server). Three clients call it side by side in one run: a direct
+``httpx2.AsyncClient`` (the baseline), ``ha_client`` (in-process), and an httpx2 client through a
+``llamacpp-ha-server`` process on loopback. Latency: requests alternate between the clients in
+random order after a warm-up, so all see the same machine noise. Throughput: requests/s at
+concurrency 1, 16 and 64. Prints tables and writes ``bench/results/overhead.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import random
-import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2
 
 from llamacpp_ha import BackendConfig, BalancerConfig, ha_client
-from llamacpp_ha.sim import SimProcess
+from llamacpp_ha.sim import SimProcess, free_port
 
 RESULTS = Path(__file__).parent / "results"
-CHAT = {
-    "model": "tiny-random-llama",
-    "messages": [{"role": "user", "content": "Say hello."}],
-    "max_tokens": 4,
-}
+CHAT = {"model": "tiny-random-llama", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
 STREAM = {**CHAT, "max_tokens": 100, "stream": True}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+Call = Callable[[], Awaitable[None]]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -40,61 +45,155 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-async def timed(call: Callable[[], Awaitable[None]]) -> float:
-    started = time.perf_counter()
-    await call()
-    return time.perf_counter() - started
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-async def measure(url: str, requests: int, warmup: int, progress: bool) -> dict[str, Any]:
-    direct = httpx2.AsyncClient(base_url=url, timeout=30)
-    balanced = ha_client(BalancerConfig(backends=[BackendConfig(url=url)]), timeout=30)
-    await balanced.balancer.start()
+def process_peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    def plain(client: httpx2.AsyncClient) -> Callable[[], Awaitable[None]]:
-        async def call() -> None:
-            response = await client.post("/v1/chat/completions", json=CHAT)
+
+@contextlib.contextmanager
+def proxy_process(backend_url: str) -> Iterator[tuple[str, int]]:
+    """A llamacpp-ha-server process on a free loopback port in front of ``backend_url``."""
+    port = free_port()
+    config = {"backends": [{"url": backend_url}], "server": {"port": port}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(config, file)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamacpp_ha_server", "--config", file.name, "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx2.TransportError):
+                if httpx2.get(f"{url}/health").status_code == 200:
+                    break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("llamacpp-ha-server did not start")
+            time.sleep(0.05)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        os.unlink(file.name)
+
+
+def plain(client: httpx2.AsyncClient) -> Call:
+    async def call() -> None:
+        (await client.post("/v1/chat/completions", json=CHAT)).raise_for_status()
+
+    return call
+
+
+def streamed(client: httpx2.AsyncClient) -> Call:
+    async def call() -> None:
+        async with client.stream("POST", "/v1/chat/completions", json=STREAM) as response:
             response.raise_for_status()
+            async for _ in response.aiter_raw():
+                pass
 
-        return call
+    return call
 
-    def streamed(client: httpx2.AsyncClient) -> Callable[[], Awaitable[None]]:
-        async def call() -> None:
-            async with client.stream("POST", "/v1/chat/completions", json=STREAM) as response:
-                response.raise_for_status()
-                async for _ in response.aiter_raw():
-                    pass
 
-        return call
-
-    results: dict[str, Any] = {}
+async def latency(calls: dict[str, Call], count: int, warmup: int, label: str, progress: bool) -> dict[str, Any]:
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     rng = random.Random(1)
-    for label, make, count in (("chat", plain, requests), ("stream-100", streamed, max(1, requests // 5))):
-        samples: dict[str, list[float]] = {"direct": [], "ha_client": []}
-        pairs = [(("direct", make(direct)), ("ha_client", make(balanced))) for _ in range(warmup + count)]
-        for i, pair in enumerate(pairs):
-            order = list(pair)
-            rng.shuffle(order)
-            for name, call in order:
-                elapsed = await timed(call)
-                if i >= warmup:
-                    samples[name].append(elapsed)
-            if progress and (i + 1) % max(1, len(pairs) // 10) == 0:
-                print(f"  {label}: {i + 1}/{len(pairs)}", flush=True)
-        deltas = [h - d for h, d in zip(samples["ha_client"], samples["direct"], strict=True)]
-        results[label] = {
-            "requests": count,
-            "direct_p50_ms": percentile(samples["direct"], 50) * 1000,
-            "direct_p99_ms": percentile(samples["direct"], 99) * 1000,
-            "ha_p50_ms": percentile(samples["ha_client"], 50) * 1000,
-            "ha_p99_ms": percentile(samples["ha_client"], 99) * 1000,
-            "added_p50_ms": (percentile(samples["ha_client"], 50) - percentile(samples["direct"], 50)) * 1000,
-            "added_p99_ms": (percentile(samples["ha_client"], 99) - percentile(samples["direct"], 99)) * 1000,
-            "paired_delta_median_ms": statistics.median(deltas) * 1000,
+    for i in range(warmup + count):
+        order = list(calls.items())
+        rng.shuffle(order)
+        for name, call in order:
+            started = time.perf_counter()
+            await call()
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - started)
+        if progress and (i + 1) % max(1, (warmup + count) // 5) == 0:
+            print(f"  latency {label}: {i + 1}/{warmup + count}", flush=True)
+    base50, base99 = percentile(samples["direct"], 50), percentile(samples["direct"], 99)
+    return {
+        name: {
+            "p50_ms": percentile(values, 50) * 1000,
+            "p99_ms": percentile(values, 99) * 1000,
+            "added_p50_ms": (percentile(values, 50) - base50) * 1000,
+            "added_p99_ms": (percentile(values, 99) - base99) * 1000,
         }
-    await direct.aclose()
-    await balanced.aclose()
+        for name, values in samples.items()
+    }
+
+
+async def throughput(call: Call, concurrency: int, total: int) -> float:
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total / (time.perf_counter() - started)
+
+
+async def measure(backend: str, proxy: str | None, proxy_pid: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=128, keepalive_expiry=4.0)
+    clients = {"direct": httpx2.AsyncClient(base_url=backend, timeout=60, limits=limits)}
+    balanced = ha_client(BalancerConfig(backends=[BackendConfig(url=backend)]), timeout=60)
+    await balanced.balancer.start()
+    clients["ha_client"] = balanced
+    if proxy is not None:
+        clients["proxy"] = httpx2.AsyncClient(base_url=proxy, timeout=60, limits=limits)
+    progress = not args.quiet
+    results: dict[str, Any] = {"latency": {}, "throughput": {}}
+    results["latency"]["chat"] = await latency(
+        {n: plain(c) for n, c in clients.items()}, args.requests, args.warmup, "chat", progress
+    )
+    results["latency"]["stream-100"] = await latency(
+        {n: streamed(c) for n, c in clients.items()},
+        max(10, args.requests // 10),
+        args.warmup // 10,
+        "stream",
+        progress,
+    )
+    for concurrency in (1, 16, 64):
+        for name, client in clients.items():
+            cpu_before = process_cpu_s(proxy_pid) if name == "proxy" and proxy_pid else None
+            rate = await throughput(plain(client), concurrency, args.requests)
+            entry: dict[str, Any] = {"requests_per_s": rate}
+            if cpu_before is not None and proxy_pid is not None:
+                entry["server_cpu_s_per_1000"] = (process_cpu_s(proxy_pid) - cpu_before) * 1000 / args.requests
+            results["throughput"].setdefault(f"c{concurrency}", {})[name] = entry
+            if progress:
+                print(f"  throughput c={concurrency} {name}: {rate:.0f} req/s", flush=True)
+    if proxy_pid is not None:
+        results["proxy_peak_rss_mb"] = process_peak_rss_mb(proxy_pid)
+    for client in clients.values():
+        await client.aclose()
     return results
+
+
+def report(results: dict[str, Any]) -> None:
+    print(f"\n{'latency':<12} {'client':<10} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'added p99':>10}")
+    for workload, by_client in results["latency"].items():
+        for name, r in by_client.items():
+            print(
+                f"{workload:<12} {name:<10} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} "
+                f"{r['added_p50_ms']:10.3f} {r['added_p99_ms']:10.3f}"
+            )
+    print(f"\n{'throughput':<12} {'client':<10} {'req/s':>8} {'server CPU s / 1000 req':>24}")
+    for concurrency, by_client in results["throughput"].items():
+        for name, r in by_client.items():
+            cpu = r.get("server_cpu_s_per_1000")
+            print(f"{concurrency:<12} {name:<10} {r['requests_per_s']:8.0f} {'' if cpu is None else f'{cpu:24.3f}'}")
+    if "proxy_peak_rss_mb" in results:
+        print(f"\nllamacpp-ha-server peak RSS: {results['proxy_peak_rss_mb']:.0f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,24 +201,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--backend", help="a real llama-server URL instead of the instant simulator")
+    parser.add_argument("--no-proxy", action="store_true", help="skip llamacpp-ha-server")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS / "overhead.json")
     args = parser.parse_args(argv)
 
-    if args.backend:
-        results = asyncio.run(measure(args.backend, args.requests, args.warmup, not args.quiet))
-    else:
-        with SimProcess(slots=64, prefill_tokens_per_s=math.inf, decode_tokens_per_s=math.inf) as sim:
-            results = asyncio.run(measure(sim.url, args.requests, args.warmup, not args.quiet))
-
-    header = ("workload", "direct p50", "ha p50", "added p50", "added p99", "paired")
-    print("\n{:<12} {:>11} {:>9} {:>10} {:>10} {:>8}".format(*header))
-    for label, r in results.items():
-        print(
-            f"{label:<12} {r['direct_p50_ms']:9.3f}ms {r['ha_p50_ms']:7.3f}ms {r['added_p50_ms']:8.3f}ms "
-            f"{r['added_p99_ms']:8.3f}ms {r['paired_delta_median_ms']:6.3f}ms"
+    with contextlib.ExitStack() as stack:
+        backend = (
+            args.backend
+            or stack.enter_context(
+                SimProcess(slots=256, prefill_tokens_per_s=math.inf, decode_tokens_per_s=math.inf)
+            ).url
         )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overhead.json").write_text(json.dumps(results, indent=2) + "\n")
+        proxy, pid = (None, None) if args.no_proxy else stack.enter_context(proxy_process(backend))
+        results = asyncio.run(measure(backend, proxy, pid, args))
+    report(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
