@@ -22,3 +22,11 @@ def test_the_config_reference_lists_every_field(model: type[BalancerConfig] | ty
 def test_the_readme_gives_the_test_command() -> None:
     assert 'pip install -e ".[test]" && python -m pytest' in README
     assert "python -m pytest" in (Path(__file__).parent.parent / ".ci" / "run").read_text()
+
+
+def test_the_server_config_reference_lists_every_field() -> None:
+    from llamacpp_ha_server import ServerSettings
+
+    table = README.split("| `server` field |", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE))
+    assert documented == set(ServerSettings.model_fields)
