@@ -16,6 +16,7 @@ from ._errors import (
     QueueTimeoutError,
 )
 from ._stats import BackendSnapshot, BalancerSnapshot, Counters
+from ._sync import HASyncClient, SyncHATransport, ha_sync_client
 from ._transport import HATransport, RouteInfo
 
 __version__ = "0.1.0"
@@ -32,12 +33,15 @@ __all__ = [
     "BalancerSnapshot",
     "Counters",
     "HAAsyncClient",
+    "HASyncClient",
     "HATransport",
     "ModelNotFoundError",
     "NoBackendError",
     "QueueFullError",
     "QueueTimeoutError",
     "RouteInfo",
+    "SyncHATransport",
     "__version__",
     "ha_client",
+    "ha_sync_client",
 ]
