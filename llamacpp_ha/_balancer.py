@@ -13,6 +13,7 @@ import httpx2
 from ._affinity import AffinityTable
 from ._backend import Backend, BackendState
 from ._config import BalancerConfig
+from ._display import render_html, render_text
 from ._errors import (
     BalancerClosedError,
     ModelNotFoundError,
@@ -240,6 +241,12 @@ class Balancer:
 
     def _retry_after_s(self) -> float:
         return max(1.0, min(self.config.queue_timeout_s, 30.0))
+
+    def __repr__(self) -> str:
+        return render_text(self.snapshot())
+
+    def _repr_html_(self) -> str:
+        return render_html(self.snapshot())
 
     def snapshot(self) -> BalancerSnapshot:
         """The fleet and the balancer's counters now, as a JSON-serializable model."""

@@ -93,3 +93,19 @@ async def test_a_waiting_request_gets_503_when_the_balancer_closes() -> None:
         await waiting
     lease.release()
     assert balancer.snapshot().in_flight == 0
+
+
+async def test_a_balancer_shows_itself_as_tables() -> None:
+    fleet = MockFleet.of("gpu1", "gpu<2>", slots=3)
+    fleet.backends["gpu1"].busy = 2
+    balancer = await polled(fleet, rounds=1)
+    text = repr(balancer)
+    lines = text.splitlines()
+    assert lines[0].startswith("llamacpp-ha: policy affinity · queue 0")
+    assert lines[1].split() == ["backend", "state", "slots", "models", "requests", "errors"]
+    assert lines[2].split()[:4] == ["gpu1", "healthy", "...", "0/3"]
+    html = balancer._repr_html_()
+    assert html.count("<tr>") == 3  # header and two backends
+    assert "gpu&lt;2&gt;" in html  # names are escaped
+    assert html.count("background:#8c959f") == 2  # gpu1's two slots busy with other clients
+    await balancer.aclose()
