@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,6 +44,9 @@ from ._slots import Assignment, SlotPool
 from ._text import generated_pieces, render_chat, tokenize
 
 __all__ = ["SimFaults", "SimulatedLlamaServer"]
+
+_PREFILL_STEP_S = 0.02
+"""How often concurrent prefills re-divide the prefill rate."""
 
 
 _PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
@@ -151,6 +155,17 @@ class SimulatedLlamaServer:
             await send_json(send, 200, props_body(self.config), origin)
         elif path == "/slots":
             await self._get_slots(scope, send, origin)
+        elif path == "/sim/stats":
+            # The simulator's own counters: not a llama-server endpoint.
+            pool = self.pool
+            stats = {
+                "requests": self.inference_requests,
+                "processing": pool.processing,
+                "deferred": pool.deferred,
+                "deferred_total": pool.deferred_total,
+                "peak_deferred": pool.peak_deferred,
+            }
+            await send_json(send, 200, stats, origin)
         elif path == "/metrics":
             if not self.config.metrics:
                 message = "This server does not support metrics endpoint. Start it with `--metrics`"
@@ -264,7 +279,7 @@ class SimulatedLlamaServer:
         started = time.perf_counter()
         if on_progress is not None:
             await on_progress(0)
-        await sleep_at_least_1ms(prompt_n / config.prefill_tokens_per_s)
+        await self._prefill(prompt_n)
         slot.n_prompt_tokens_processed = prompt_n
         if on_progress is not None:
             await on_progress(prompt_n)
@@ -285,7 +300,8 @@ class SimulatedLlamaServer:
             if job.stream and disconnected.is_set():
                 return
             busy = max(1, self.pool.processing)
-            debt += 1.0 / (config.decode_tokens_per_s * busy**-config.decode_concurrency_exponent)
+            slowdown = config.prefill_slows_decode if self.pool.prefilling else 1.0
+            debt += slowdown / (config.decode_tokens_per_s * busy**-config.decode_concurrency_exponent)
             if debt >= MIN_SLEEP_S:
                 await asyncio.sleep(debt)
                 debt = 0.0
@@ -299,6 +315,23 @@ class SimulatedLlamaServer:
         self._count("tokens_predicted_seconds_total", run.predicted_ms / 1000)
         self._count("n_decode_total", len(run.pieces) + 1)
         self._counters["n_tokens_max"] = max(self._counters.get("n_tokens_max", 0), len(slot.tokens))
+
+    async def _prefill(self, tokens: int) -> None:
+        """Process ``tokens`` prompt tokens; slots prefilling at the same time share the prefill rate."""
+        rate = self.config.prefill_tokens_per_s
+        if tokens <= 0 or math.isinf(rate):
+            return
+        pool = self.pool
+        pool.prefilling += 1
+        try:
+            remaining = float(tokens)
+            while remaining > 0:
+                share = rate / pool.prefilling
+                step = min(remaining / share, _PREFILL_STEP_S)
+                await sleep_at_least_1ms(step)
+                remaining -= share * step
+        finally:
+            pool.prefilling -= 1
 
     def _count(self, name: str, value: float) -> None:
         self._counters[name] = self._counters.get(name, 0) + value

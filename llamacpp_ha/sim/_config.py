@@ -25,6 +25,8 @@ class SimConfig(BaseModel):
     """Per-stream decode speed is ``decode_tokens_per_s * busy_slots ** -exponent``.
 
     0.45 fits the calibration on llama-server: 51 tok/s alone, 37.5 each with two streams."""
+    prefill_slows_decode: float = Field(default=2.0, ge=1)
+    """Decoding streams run this many times slower while a slot prefills (calibration: 51 -> 25 tok/s)."""
     default_max_tokens: int = Field(default=16, ge=1)
     """Tokens generated when a request sets no limit (a random model would stop at a random EOS)."""
     loading_s: float = Field(default=0.0, ge=0)

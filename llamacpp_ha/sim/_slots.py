@@ -62,6 +62,10 @@ class SlotPool:
         self._next_task = 0
         self.peak_deferred = 0
         """The most tasks ever deferred at once."""
+        self.deferred_total = 0
+        """Tasks that had to wait inside the server for a slot."""
+        self.prefilling = 0
+        """Slots processing a prompt right now (they share the prefill compute)."""
 
     @property
     def processing(self) -> int:
@@ -79,6 +83,7 @@ class SlotPool:
         future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
         entry = _Deferred(id_slot, prompt, future)
         self._deferred.append(entry)
+        self.deferred_total += 1
         self.peak_deferred = max(self.peak_deferred, len(self._deferred))
         try:
             return await future

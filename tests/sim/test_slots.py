@@ -33,6 +33,8 @@ async def test_requests_beyond_the_slots_are_deferred_and_counted() -> None:
             responses = await asyncio.gather(*running)
             assert [r.status_code for r in responses] == [200, 200, 200]
             assert sim.app.pool.peak_deferred == 2
+            stats = (await client.get("/sim/stats")).json()
+            assert (stats["deferred_total"], stats["peak_deferred"], stats["requests"]) == (2, 2, 3)
             assert metric((await client.get("/metrics")).text, "requests_deferred") == 0
 
 
