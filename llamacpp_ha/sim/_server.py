@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -9,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from types import TracebackType
 from typing import Any, Self
@@ -113,24 +113,31 @@ class SimProcess:
         return f"http://{_HOST}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> Self:
-        command = [
-            sys.executable,
-            "-m",
-            "llamacpp_ha.sim",
-            "--port",
-            str(self.port),
-            "--config-json",
-            self._config.model_dump_json(),
-        ]
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> Self:
+        """Start the process without waiting for it (launch several, then ``wait_ready`` each)."""
+        command = [sys.executable, "-m", "llamacpp_ha.sim", "--port", str(self.port)]
+        command += ["--config-json", self._config.model_dump_json()]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> Self:
+        """Wait until the server answers ``/health`` (with anything, the loading 503 included)."""
+        process = self._process
+        assert process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                error = self._process.stderr.read().decode() if self._process.stderr else ""
+            if process.poll() is not None:
+                error = process.stderr.read().decode() if process.stderr else ""
                 raise RuntimeError(f"simulated llama-server exited: {error}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=1):
-                return self
-            time.sleep(0.02)
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
+                    return self
+            except urllib.error.HTTPError:
+                return self  # it answers: loading
+            except OSError:
+                time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"simulated llama-server on port {self.port} did not answer in {timeout} s")
 

@@ -1,0 +1,138 @@
+"""The engine alone, no HTTP: how fast it decides, how it scales, what a waiting request costs.
+
+    python -m bench.scheduler [--backends 10,200,1000] [--waiting 10000] [--decisions 5000]
+
+Every backend is full and requests wait; each measured decision is one slot given back, which
+grants it to the oldest waiting request through the scheduler and the (default) affinity policy.
+Also: decision time as the queue grows, memory per waiting request, and the package's import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+from llamacpp_ha import BackendConfig, BackendState, Balancer, BalancerConfig
+from llamacpp_ha._leases import Lease
+from llamacpp_ha._queue import Waiter
+
+RESULTS = Path(__file__).parent / "results"
+SLOTS = 4
+
+
+def fleet(backends: int) -> Balancer:
+    """A balancer whose backends look polled and healthy (nothing is ever sent to them)."""
+    config = BalancerConfig(backends=[BackendConfig(url=f"http://b{i}.invalid:8080") for i in range(backends)])
+    balancer = Balancer(config)
+    for backend in balancer.backends:
+        backend.reported_capacity = SLOTS
+        backend.set_models(("model.gguf",))
+        backend.state = BackendState.HEALTHY
+    return balancer
+
+
+def enqueue(balancer: Balancer, count: int, loop: asyncio.AbstractEventLoop, rng: random.Random) -> None:
+    for _ in range(count):
+        waiter = Waiter(
+            balancer.queue.next_seq(), "model", f"prefix:{rng.getrandbits(64):x}", frozenset(), loop.create_future(),
+            loop.time(),
+        )  # fmt: skip
+        balancer.queue.push(waiter)
+
+
+def decision_times(balancer: Balancer, decisions: int, rng: random.Random) -> list[float]:
+    leases: list[Lease] = list(balancer.scheduler.leases)
+    times = []
+    for _ in range(decisions):
+        lease = leases.pop(rng.randrange(len(leases)))
+        before = set(balancer.scheduler.leases)
+        started = time.perf_counter()
+        lease.release()  # gives the slot back and grants it to the oldest waiter
+        times.append(time.perf_counter() - started)
+        leases += list(balancer.scheduler.leases - before)
+    return times
+
+
+async def measure(backends: int, waiting: int, decisions: int) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    rng = random.Random(3)
+    balancer = fleet(backends)
+    enqueue(balancer, backends * SLOTS, loop, rng)  # fills every slot
+    balancer.scheduler.dispatch()
+    enqueue(balancer, waiting + decisions, loop, rng)
+    times = decision_times(balancer, decisions, rng)
+    assert len(balancer.queue) == waiting
+    return {
+        "backends": backends,
+        "waiting": waiting,
+        "p50_us": statistics.median(times) * 1e6,
+        "p99_us": sorted(times)[int(0.99 * len(times))] * 1e6,
+        "decisions_per_s": len(times) / sum(times),
+    }
+
+
+async def memory_per_waiter(count: int) -> float:
+    loop = asyncio.get_running_loop()
+    balancer = fleet(1)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    enqueue(balancer, count, loop, random.Random(5))
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / count
+
+
+def import_time_ms() -> float:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import llamacpp_ha"], capture_output=True, text=True, check=True
+    )
+    for line in result.stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \| llamacpp_ha$", line)
+        if match:
+            return int(match[1]) / 1000
+    raise RuntimeError("llamacpp_ha not found in -X importtime output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scheduler", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="10,200,1000")
+    parser.add_argument("--waiting", type=int, default=10_000)
+    parser.add_argument("--decisions", type=int, default=5_000)
+    parser.add_argument("--output", type=Path, default=RESULTS / "scheduler.json")
+    args = parser.parse_args(argv)
+
+    results: dict[str, Any] = {"by_backends": [], "by_waiting": []}
+    for backends in (int(b) for b in args.backends.split(",")):
+        row = asyncio.run(measure(backends, args.waiting, args.decisions))
+        results["by_backends"].append(row)
+        print(
+            f"{backends:>5} backends, {args.waiting} waiting: p50 {row['p50_us']:6.1f} us, "
+            f"p99 {row['p99_us']:6.1f} us, {row['decisions_per_s']:9.0f} decisions/s",
+            flush=True,
+        )
+    middle = sorted(int(b) for b in args.backends.split(","))[len(args.backends.split(",")) // 2]
+    for waiting in (args.waiting // 10, args.waiting, args.waiting * 10):
+        row = asyncio.run(measure(middle, waiting, args.decisions))
+        results["by_waiting"].append(row)
+        print(f"{middle:>5} backends, {waiting:>7} waiting: p50 {row['p50_us']:6.1f} us", flush=True)
+    results["bytes_per_waiting_request"] = asyncio.run(memory_per_waiter(args.waiting))
+    results["import_time_ms"] = import_time_ms()
+    print(f"memory per waiting request: {results['bytes_per_waiting_request']:.0f} bytes")
+    print(f"python -X importtime -c 'import llamacpp_ha': {results['import_time_ms']:.0f} ms")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

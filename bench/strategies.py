@@ -1,0 +1,126 @@
+"""The ways of spreading requests over a fleet that the fleet benchmark compares."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+
+from llamacpp_ha import BackendConfig, BalancerConfig, HAAsyncClient, ha_client
+
+__all__ = ["STRATEGIES", "Strategy", "make_strategy"]
+
+_LIMITS = httpx2.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
+
+
+class Strategy:
+    """Sends a chat request to one backend and streams the answer."""
+
+    name = ""
+    description = ""
+
+    async def start(self, urls: list[str]) -> None:
+        raise NotImplementedError
+
+    def stream(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[httpx2.Response]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class _Immediate(Strategy):
+    """A plain reverse proxy: pick a backend and send at once (llama-server queues internally)."""
+
+    def __init__(self) -> None:
+        self._clients: list[httpx2.AsyncClient] = []
+        self._in_flight: list[int] = []
+        self._turn = 0
+
+    async def start(self, urls: list[str]) -> None:
+        self._clients = [httpx2.AsyncClient(base_url=url, timeout=600, limits=_LIMITS) for url in urls]
+        self._in_flight = [0] * len(urls)
+
+    def _pick(self) -> int:
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[httpx2.Response]:
+        index = self._pick()
+        self._in_flight[index] += 1
+        try:
+            async with self._clients[index].stream("POST", "/v1/chat/completions", json=body) as response:
+                yield response
+        finally:
+            self._in_flight[index] -= 1
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+class RoundRobinImmediate(_Immediate):
+    name = "round_robin"
+    description = "round robin, sent at once (a plain reverse proxy)"
+
+    def _pick(self) -> int:
+        self._turn += 1
+        return self._turn % len(self._clients)
+
+
+class LeastConnectionsImmediate(_Immediate):
+    name = "least_conn"
+    description = "least connections, sent at once (nginx least_conn)"
+
+    def _pick(self) -> int:
+        self._turn += 1
+        n = len(self._clients)
+        return min(((self._turn + i) % n for i in range(n)), key=self._in_flight.__getitem__)
+
+
+class Balanced(Strategy):
+    """llamacpp-ha in-process: slot-aware global queue with one of its policies."""
+
+    def __init__(self, policy: str, name: str, description: str) -> None:
+        self._policy = policy
+        self.name = name
+        self.description = description
+        self._client: HAAsyncClient | None = None
+
+    async def start(self, urls: list[str]) -> None:
+        config = BalancerConfig(
+            backends=[BackendConfig(url=url) for url in urls],
+            policy=self._policy,  # type: ignore[arg-type]
+            queue_timeout_s=600,
+            max_queue=100_000,
+            poll_interval_s=0.5,
+        )
+        self._client = ha_client(config, timeout=600)
+        await self._client.balancer.start()
+
+    def stream(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[httpx2.Response]:
+        assert self._client is not None
+        return self._client.stream("POST", "/v1/chat/completions", json=body)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+STRATEGIES = {
+    "round_robin": RoundRobinImmediate,
+    "least_conn": LeastConnectionsImmediate,
+    "slot_queue": lambda: Balanced(
+        "round_robin", "slot_queue", "slot-aware queue, round robin, no affinity (HAProxy maxconn = slots)"
+    ),
+    "least_busy": lambda: Balanced("least_busy", "least_busy", "llamacpp-ha, least_busy policy"),
+    "affinity": lambda: Balanced("affinity", "affinity", "llamacpp-ha, affinity-first with load guard (default)"),
+}
+
+
+def make_strategy(name: str) -> Strategy:
+    factory: Any = STRATEGIES[name]
+    strategy: Strategy = factory()
+    return strategy

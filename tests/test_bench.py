@@ -1,0 +1,34 @@
+"""Each benchmark runs at a tiny size, so they cannot rot. (Figures are never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import fleet, overhead, scheduler
+
+
+def test_fleet_benchmark_runs(tmp_path: Path) -> None:
+    argv = ["--loads", "0.8", "--strategies", "round_robin,affinity", "--duration", "1.5", "--speedup", "20",
+            "--backends-count", "2", "--slots", "2", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert fleet.main(argv) == 0
+    result = json.loads((tmp_path / "fleet.json").read_text())
+    assert [cell["strategy"] for cell in result["cells"]] == ["round_robin", "affinity"]
+    assert all(cell["requests"] > 0 for cell in result["cells"])
+    assert (tmp_path / "fleet.png").stat().st_size > 1000
+
+
+def test_overhead_benchmark_runs(tmp_path: Path) -> None:
+    output = tmp_path / "overhead.json"
+    assert overhead.main(["--requests", "20", "--warmup", "2", "--quiet", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert set(result["latency"]["chat"]) == {"direct", "ha_client", "proxy"}
+    assert result["proxy_peak_rss_mb"] > 0
+
+
+def test_scheduler_benchmark_runs(tmp_path: Path) -> None:
+    output = tmp_path / "scheduler.json"
+    assert scheduler.main(["--backends", "2,5", "--waiting", "50", "--decisions", "20", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert [row["backends"] for row in result["by_backends"]] == [2, 5]
+    assert result["import_time_ms"] > 0
