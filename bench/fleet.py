@@ -244,7 +244,7 @@ def draw(cells: list[Cell], path: Path) -> None:
     throughput.set_title("output tokens/s")
     cache.set_title("prompt tokens from cache (%)")
     for axis in (ttft, throughput, cache):
-        axis.set_xlabel("offered load (% of cold capacity)")
+        axis.set_xlabel("offered load (% of capacity with cache reuse)")
         axis.grid(alpha=0.3)
     ttft.legend(fontsize=8)
     fig.tight_layout()

@@ -2,12 +2,10 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -133,11 +131,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    # The TOML and YAML parsers are imported only when needed: they add to every import otherwise.
     if suffix == ".json":
         data: Any = json.loads(text)
     elif suffix == ".toml":
+        import tomllib
+
         data = tomllib.loads(text)
     elif suffix in (".yaml", ".yml"):
+        import yaml
+
         data = yaml.safe_load(text)
     else:
         raise ValueError(f"{path}: unknown config format {suffix!r}; use .json, .toml, .yaml or .yml")

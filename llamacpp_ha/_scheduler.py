@@ -36,20 +36,24 @@ class Scheduler:
         self.leases: set[Lease] = set()
 
     def dispatch(self) -> None:
-        while len(self._queue):
-            free = [backend for backend in self._backends if backend.free_slots > 0]
-            if not free:
-                return
+        if not len(self._queue):
+            return
+        # Built once per call and kept up to date as slots are granted: a dispatch after one
+        # released slot costs one pass over the backends, not one per loop turn.
+        free = [backend for backend in self._backends if backend.free_slots > 0]
+        while free and len(self._queue):
             for waiter in self._queue.heads():
                 candidates = [b for b in free if b.serves(waiter.model) and b.name not in waiter.excluded]
                 if candidates:
                     self._queue.pop(waiter)
-                    self._grant(waiter, candidates)
+                    backend = self._grant(waiter, candidates)
+                    if backend.free_slots == 0:
+                        free.remove(backend)
                     break
             else:
                 return
 
-    def _grant(self, waiter: Waiter, candidates: list[Backend]) -> None:
+    def _grant(self, waiter: Waiter, candidates: list[Backend]) -> Backend:
         key = waiter.affinity_key
         preferred = self._affinity.get(key) if key is not None else None
         backend = self._policy.choose(candidates, preferred)
@@ -69,6 +73,7 @@ class Scheduler:
         self._stats.dispatched += 1
         self.leases.add(lease)
         waiter.future.set_result(lease)
+        return backend
 
     def _release(self, lease: Lease) -> None:
         self.leases.discard(lease)
