@@ -165,8 +165,13 @@ async def measure(backend: str, proxy: str | None, proxy_pid: int | None, args: 
     for concurrency in (1, 16, 64):
         for name, client in clients.items():
             cpu_before = process_cpu_s(proxy_pid) if name == "proxy" and proxy_pid else None
+            own_cpu_before = time.process_time()
             rate = await throughput(plain(client), concurrency, args.requests)
-            entry: dict[str, Any] = {"requests_per_s": rate}
+            # This process's CPU: the client's own work, plus the engine's for ha_client.
+            entry: dict[str, Any] = {
+                "requests_per_s": rate,
+                "client_cpu_s_per_1000": (time.process_time() - own_cpu_before) * 1000 / args.requests,
+            }
             if cpu_before is not None and proxy_pid is not None:
                 entry["server_cpu_s_per_1000"] = (process_cpu_s(proxy_pid) - cpu_before) * 1000 / args.requests
             results["throughput"].setdefault(f"c{concurrency}", {})[name] = entry
@@ -174,6 +179,7 @@ async def measure(backend: str, proxy: str | None, proxy_pid: int | None, args: 
                 print(f"  throughput c={concurrency} {name}: {rate:.0f} req/s", flush=True)
     if proxy_pid is not None:
         results["proxy_peak_rss_mb"] = process_peak_rss_mb(proxy_pid)
+    results["client_process_peak_rss_mb"] = process_peak_rss_mb(os.getpid())
     for client in clients.values():
         await client.aclose()
     return results
@@ -187,13 +193,17 @@ def report(results: dict[str, Any]) -> None:
                 f"{workload:<12} {name:<10} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} "
                 f"{r['added_p50_ms']:10.3f} {r['added_p99_ms']:10.3f}"
             )
-    print(f"\n{'throughput':<12} {'client':<10} {'req/s':>8} {'server CPU s / 1000 req':>24}")
+    print(f"\n{'throughput':<12} {'client':<10} {'req/s':>8} {'client CPU s/1000':>18} {'server CPU s/1000':>18}")
     for concurrency, by_client in results["throughput"].items():
         for name, r in by_client.items():
-            cpu = r.get("server_cpu_s_per_1000")
-            print(f"{concurrency:<12} {name:<10} {r['requests_per_s']:8.0f} {'' if cpu is None else f'{cpu:24.3f}'}")
+            server = r.get("server_cpu_s_per_1000")
+            print(
+                f"{concurrency:<12} {name:<10} {r['requests_per_s']:8.0f} {r['client_cpu_s_per_1000']:18.3f} "
+                f"{'' if server is None else f'{server:18.3f}'}"
+            )
+    print(f"\nclient process peak RSS: {results['client_process_peak_rss_mb']:.0f} MB")
     if "proxy_peak_rss_mb" in results:
-        print(f"\nllamacpp-ha-server peak RSS: {results['proxy_peak_rss_mb']:.0f} MB")
+        print(f"llamacpp-ha-server peak RSS: {results['proxy_peak_rss_mb']:.0f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:

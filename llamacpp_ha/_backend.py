@@ -39,13 +39,15 @@ class Backend:
         self.config = config
         self.name = config.name
         self.url = config.url
-        self.state = BackendState.UNKNOWN
+        self._state = BackendState.UNKNOWN
+        self._reported_capacity = 0
+        self._in_flight = 0
+        self._external = 0
+        self.free = 0
+        """Free slots now: derived, kept current by the setters below (the scheduler reads it per backend)."""
         self.reason = "not polled yet"
         self.sleeping = False
         self.slots_endpoint = True
-        self.reported_capacity = 0
-        self.in_flight = 0
-        self.external = 0
         self.observed_busy: int | None = None
         self.model_ids: tuple[str, ...] = tuple(config.models or ())
         self._names: frozenset[str] = frozenset(self._names_for(self.model_ids, ()))
@@ -63,19 +65,60 @@ class Backend:
             names |= model_names(model_id)
         return names | model_names(aliases[0], aliases) if aliases else names
 
+    def _update_free(self) -> None:
+        capacity = self.config.capacity or self._reported_capacity
+        routable = self._state is BackendState.HEALTHY and capacity > 0
+        self.free = max(0, capacity - self._in_flight - self._external) if routable else 0
+
+    @property
+    def state(self) -> BackendState:
+        return self._state
+
+    @state.setter
+    def state(self, value: BackendState) -> None:
+        self._state = value
+        self._update_free()
+
+    @property
+    def reported_capacity(self) -> int:
+        return self._reported_capacity
+
+    @reported_capacity.setter
+    def reported_capacity(self, value: int) -> None:
+        self._reported_capacity = value
+        self._update_free()
+
+    @property
+    def in_flight(self) -> int:
+        """Slots held by our own leases."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._in_flight = value
+        self._update_free()
+
+    @property
+    def external(self) -> int:
+        """Busy slots that are not ours, as of the last poll."""
+        return self._external
+
+    @external.setter
+    def external(self, value: int) -> None:
+        self._external = value
+        self._update_free()
+
     @property
     def capacity(self) -> int:
-        return self.config.capacity or self.reported_capacity
+        return self.config.capacity or self._reported_capacity
 
     @property
     def routable(self) -> bool:
-        return self.state is BackendState.HEALTHY and self.capacity > 0
+        return self._state is BackendState.HEALTHY and self.capacity > 0
 
     @property
     def free_slots(self) -> int:
-        if not self.routable:
-            return 0
-        return max(0, self.capacity - self.in_flight - self.external)
+        return self.free
 
     @property
     def load(self) -> float:

@@ -40,14 +40,14 @@ class Scheduler:
             return
         # Built once per call and kept up to date as slots are granted: a dispatch after one
         # released slot costs one pass over the backends, not one per loop turn.
-        free = [backend for backend in self._backends if backend.free_slots > 0]
+        free = [backend for backend in self._backends if backend.free > 0]
         while free and len(self._queue):
             for waiter in self._queue.heads():
                 candidates = [b for b in free if b.serves(waiter.model) and b.name not in waiter.excluded]
                 if candidates:
                     self._queue.pop(waiter)
                     backend = self._grant(waiter, candidates)
-                    if backend.free_slots == 0:
+                    if backend.free == 0:
                         free.remove(backend)
                     break
             else:
