@@ -100,3 +100,14 @@ async def test_without_keys_everything_is_open(sims: Sims, serve: Serve) -> None
     async with httpx2.AsyncClient(base_url=server.url) as http:
         assert (await http.post("/v1/chat/completions", json=BODY)).status_code == 200
         assert (await http.get("/monitor/data")).status_code == 200
+
+
+async def test_cors_origins_are_allowed_when_configured(sims: Sims, serve: Serve) -> None:
+    server = serve(sims(slots=1), server={"api_keys": KEYS, "cors_origins": ["http://localhost:3000"]})
+    preflight_headers = {"origin": "http://localhost:3000", "access-control-request-method": "POST"}
+    async with httpx2.AsyncClient(base_url=server.url) as http:
+        preflight = await http.options("/v1/chat/completions", headers=preflight_headers)
+        other = await http.options("/v1/chat/completions", headers={**preflight_headers, "origin": "http://evil"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-origin" not in other.headers
