@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx2
 
@@ -9,7 +9,31 @@ from ._balancer import Balancer
 from ._config import BalancerConfig
 from ._transport import HATransport
 
-__all__ = ["HAAsyncClient", "ha_client", "load_config"]
+__all__ = ["BalancedClient", "HAAsyncClient", "client_defaults", "ha_client", "load_config"]
+
+
+class _HasBalancer(Protocol):
+    @property
+    def balancer(self) -> Balancer: ...
+
+
+class BalancedClient:
+    """What every balanced client (async or sync, httpx2 or classic httpx) adds: its engine."""
+
+    _ha_transport: _HasBalancer
+
+    @property
+    def balancer(self) -> Balancer:
+        """The engine: ``snapshot()`` for fleet state and counters."""
+        return self._ha_transport.balancer
+
+
+def client_defaults(config: BalancerConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for the client: a placeholder base URL and a timeout fit for long generations."""
+    kwargs.setdefault("base_url", "http://llamacpp-ha")
+    # (connect, read, write, pool): a tuple both httpx and httpx2 take.
+    kwargs.setdefault("timeout", (config.connect_timeout_s, 600.0, 600.0, 600.0))
+    return kwargs
 
 
 def load_config(config: BalancerConfig | str | Path) -> BalancerConfig:
@@ -17,19 +41,12 @@ def load_config(config: BalancerConfig | str | Path) -> BalancerConfig:
     return config if isinstance(config, BalancerConfig) else BalancerConfig.from_file(config)
 
 
-class HAAsyncClient(httpx2.AsyncClient):
+class HAAsyncClient(BalancedClient, httpx2.AsyncClient):
     """An ``httpx2.AsyncClient`` whose requests are balanced over a llama.cpp fleet."""
 
     def __init__(self, config: BalancerConfig, **kwargs: Any) -> None:
         self._ha_transport = HATransport(config)
-        kwargs.setdefault("base_url", "http://llamacpp-ha")
-        kwargs.setdefault("timeout", httpx2.Timeout(600.0, connect=config.connect_timeout_s))
-        super().__init__(transport=self._ha_transport, **kwargs)
-
-    @property
-    def balancer(self) -> Balancer:
-        """The engine: ``snapshot()`` for fleet state and counters."""
-        return self._ha_transport.balancer
+        super().__init__(transport=self._ha_transport, **client_defaults(config, kwargs))
 
 
 def ha_client(config: BalancerConfig | str | Path, **kwargs: Any) -> HAAsyncClient:

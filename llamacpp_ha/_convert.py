@@ -79,11 +79,16 @@ class _Httpx2StreamOfHttpx(httpx2.AsyncByteStream):
         await self._response.aclose()
 
 
-def to_httpx_response(response: httpx2.Response, request: httpx.Request) -> httpx.Response:
+def to_httpx_response(
+    response: httpx2.Response,
+    request: httpx.Request,
+    stream: httpx.SyncByteStream | httpx.AsyncByteStream | None = None,
+) -> httpx.Response:
+    """An httpx2 response as a classic one; ``stream`` replaces the async body adapter (sync callers)."""
     return httpx.Response(
         response.status_code,
         headers=response.headers.raw,
-        stream=_HttpxStreamOfHttpx2(response, request),
+        stream=stream or _HttpxStreamOfHttpx2(response, request),
         extensions=response.extensions,
         request=request,
     )

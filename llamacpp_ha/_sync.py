@@ -10,7 +10,7 @@ import httpx2
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ._balancer import Balancer
-from ._client import load_config
+from ._client import BalancedClient, client_defaults, load_config
 from ._config import BalancerConfig
 from ._transport import HATransport
 
@@ -86,18 +86,12 @@ async def _next(chunks: AsyncIterator[bytes]) -> bytes:
     return await chunks.__anext__()
 
 
-class HASyncClient(httpx2.Client):
+class HASyncClient(BalancedClient, httpx2.Client):
     """An ``httpx2.Client`` whose requests are balanced over a llama.cpp fleet."""
 
     def __init__(self, config: BalancerConfig, **kwargs: Any) -> None:
         self._ha_transport = SyncHATransport(config)
-        kwargs.setdefault("base_url", "http://llamacpp-ha")
-        kwargs.setdefault("timeout", httpx2.Timeout(600.0, connect=config.connect_timeout_s))
-        super().__init__(transport=self._ha_transport, **kwargs)
-
-    @property
-    def balancer(self) -> Balancer:
-        return self._ha_transport.balancer
+        super().__init__(transport=self._ha_transport, **client_defaults(config, kwargs))
 
 
 def ha_sync_client(config: BalancerConfig | str | Path, **kwargs: Any) -> HASyncClient:

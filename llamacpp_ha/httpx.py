@@ -15,7 +15,7 @@ import httpx
 import httpx2
 
 from ._balancer import Balancer
-from ._client import load_config
+from ._client import BalancedClient, client_defaults, load_config
 from ._config import BalancerConfig
 from ._convert import Httpx2FromHttpx, to_httpx2_request, to_httpx_error, to_httpx_response
 from ._sync import SyncHATransport
@@ -69,13 +69,7 @@ class HttpxSyncTransport(httpx.BaseTransport):
             response = self._transport.handle_request(to_httpx2_request(request, body))
         except httpx2.HTTPError as exc:
             raise to_httpx_error(exc, request) from exc
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers.raw,
-            stream=_SyncStream(response, request),
-            extensions=response.extensions,
-            request=request,
-        )
+        return to_httpx_response(response, request, stream=_SyncStream(response, request))
 
     def close(self) -> None:
         self._transport.close()
@@ -96,32 +90,20 @@ class _SyncStream(httpx.SyncByteStream):
         self._response.close()
 
 
-class HttpxAsyncClient(httpx.AsyncClient):
+class HttpxAsyncClient(BalancedClient, httpx.AsyncClient):
     """An ``httpx.AsyncClient`` whose requests are balanced over a llama.cpp fleet."""
 
     def __init__(self, config: BalancerConfig, **kwargs: Any) -> None:
         self._ha_transport = HttpxTransport(config)
-        kwargs.setdefault("base_url", "http://llamacpp-ha")
-        kwargs.setdefault("timeout", httpx.Timeout(600.0, connect=config.connect_timeout_s))
-        super().__init__(transport=self._ha_transport, **kwargs)
-
-    @property
-    def balancer(self) -> Balancer:
-        return self._ha_transport.balancer
+        super().__init__(transport=self._ha_transport, **client_defaults(config, kwargs))
 
 
-class HttpxSyncClient(httpx.Client):
+class HttpxSyncClient(BalancedClient, httpx.Client):
     """An ``httpx.Client`` whose requests are balanced over a llama.cpp fleet."""
 
     def __init__(self, config: BalancerConfig, **kwargs: Any) -> None:
         self._ha_transport = HttpxSyncTransport(config)
-        kwargs.setdefault("base_url", "http://llamacpp-ha")
-        kwargs.setdefault("timeout", httpx.Timeout(600.0, connect=config.connect_timeout_s))
-        super().__init__(transport=self._ha_transport, **kwargs)
-
-    @property
-    def balancer(self) -> Balancer:
-        return self._ha_transport.balancer
+        super().__init__(transport=self._ha_transport, **client_defaults(config, kwargs))
 
 
 def ha_client(config: BalancerConfig | str | Path, **kwargs: Any) -> HttpxAsyncClient:
