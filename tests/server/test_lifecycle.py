@@ -50,11 +50,14 @@ def test_the_engine_imports_without_fastapi() -> None:
     assert result.stdout.strip() == "ok", result.stderr
 
 
-@pytest.fixture
-def server_process(sims: Sims, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+@pytest.fixture(params=[10.0], ids=["drain-10s"])
+def server_process(
+    request: pytest.FixtureRequest, sims: Sims, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     sim = sims(slots=1, decode_tokens_per_s=40)
     port = free_port()
-    config = {"backends": [{"url": sim.url}], "poll_interval_s": 0.2, "server": {"port": port, "drain_timeout_s": 10}}
+    server = {"port": port, "drain_timeout_s": request.param}
+    config = {"backends": [{"url": sim.url}], "poll_interval_s": 0.2, "server": server}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     process = subprocess.Popen(
@@ -107,3 +110,27 @@ def _status(url: str) -> int:
         return httpx2.get(f"{url}/health").status_code
     except httpx2.TransportError:
         return 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("server_process", [0.5], ids=["drain-0.5s"], indirect=True)
+async def test_streams_longer_than_the_drain_timeout_are_cut(
+    server_process: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    process, url = server_process
+    body = {**BODY, "max_tokens": 2000, "stream": True}  # about 50 s at 40 tokens/s
+    received: list[str] = []
+    async with (
+        httpx2.AsyncClient(base_url=url, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        iterator = response.aiter_text()
+        received.append(await iterator.__anext__())
+        os.kill(process.pid, signal.SIGTERM)
+        started = time.monotonic()
+        with pytest.raises(httpx2.HTTPError):
+            async for chunk in iterator:
+                received.append(chunk)
+    assert "[DONE]" not in "".join(received)
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    assert time.monotonic() - started < 10  # the 0.5 s drain timeout, then closing; not the whole stream
