@@ -4,6 +4,8 @@ import logging
 import time
 from enum import StrEnum
 
+import httpx2
+
 from ._config import BackendConfig
 
 __all__ = ["Backend", "BackendState", "model_names"]
@@ -39,6 +41,11 @@ class Backend:
         self.config = config
         self.name = config.name
         self.url = config.url
+        self.base_url = httpx2.URL(config.url)
+        """Parsed once: every forwarded request is rewritten onto it."""
+        key = config.api_key
+        self.auth_headers: dict[str, str] = {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+        """The backend's own ``--api-key``, sent on polls and forwarded requests."""
         self._state = BackendState.UNKNOWN
         self._reported_capacity = 0
         self._in_flight = 0

@@ -48,7 +48,6 @@ class Balancer:
         self.queue = WaitQueue()
         self.affinity = AffinityTable(config.affinity_ttl_s, config.affinity_max_entries)
         self.scheduler = Scheduler(self.backends, self.queue, make_policy(config.policy), self.affinity, self.stats)
-        self._poll_client: httpx2.AsyncClient | None = None
         self._registry_instance: Registry | None = None
         self._poller: asyncio.Task[None] | None = None
         self._polled = asyncio.Event()
@@ -96,9 +95,8 @@ class Balancer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
-        if self._poll_client is not None:
-            await self._poll_client.aclose()
-            self._poll_client = None
+        if self._registry_instance is not None:
+            await self._registry_instance.aclose()
             self._registry_instance = None
 
     async def poll_now(self) -> None:
@@ -119,7 +117,6 @@ class Balancer:
     def _registry(self) -> Registry:
         if self._registry_instance is None:
             client = httpx2.AsyncClient(transport=self._poll_transport, limits=httpx2.Limits(keepalive_expiry=4.0))
-            self._poll_client = client
             self._registry_instance = Registry(self.backends, client, self.config.poll_timeout_s)
         return self._registry_instance
 

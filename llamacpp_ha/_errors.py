@@ -45,7 +45,13 @@ __all__ = [
     "NoBackendError",
     "QueueFullError",
     "QueueTimeoutError",
+    "openai_error",
 ]
+
+
+def openai_error(message: str, error_type: str, code: str) -> dict[str, Any]:
+    """An error body in OpenAI's shape."""
+    return {"error": {"message": message, "type": error_type, "code": code}}
 
 
 class BalancerError(Exception):
@@ -61,7 +67,7 @@ class BalancerError(Exception):
         self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+        return openai_error(self.message, self.error_type, self.code)
 
     def body_bytes(self) -> bytes:
         return json.dumps(self.body()).encode()

@@ -8,12 +8,7 @@ import httpx2
 
 from ._backend import Backend, BackendState
 
-__all__ = ["Registry", "backend_auth_headers"]
-
-
-def backend_auth_headers(backend: Backend) -> dict[str, str]:
-    key = backend.config.api_key
-    return {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+__all__ = ["Registry"]
 
 
 class Registry:
@@ -30,11 +25,14 @@ class Registry:
         self._client = client
         self._timeout = httpx2.Timeout(timeout_s)
 
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
     async def poll_all(self) -> None:
         await asyncio.gather(*(self.poll(backend) for backend in self.backends))
 
     async def _get(self, backend: Backend, path: str) -> httpx2.Response:
-        return await self._client.get(backend.url + path, headers=backend_auth_headers(backend), timeout=self._timeout)
+        return await self._client.get(backend.url + path, headers=backend.auth_headers, timeout=self._timeout)
 
     async def poll(self, backend: Backend) -> None:
         in_flight_when_asked = backend.in_flight

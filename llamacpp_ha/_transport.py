@@ -13,7 +13,6 @@ from ._balancer import Balancer
 from ._config import BalancerConfig
 from ._errors import BalancerError, NoBackendError
 from ._leases import Lease
-from ._registry import backend_auth_headers
 from ._request import SLOT_PATHS, parse_request
 from ._stream import LeasedStream
 
@@ -182,18 +181,18 @@ class HATransport(httpx2.AsyncBaseTransport):
             return await self._upstream.handle_async_request(upstream)
 
     def _upstream_request(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Request:
-        base = httpx2.URL(backend.url)
+        base = backend.base_url
         url = request.url.copy_with(
             scheme=base.scheme,
             host=base.host,
             port=base.port,
             raw_path=base.raw_path.rstrip(b"/") + request.url.raw_path,
         )
-        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _DROPPED_HEADERS]
-        auth = backend_auth_headers(backend)
-        if auth:
-            headers = [(k, v) for k, v in headers if k.lower() not in ("authorization", "x-api-key")]
-            headers += list(auth.items())
+        # multi_items() gives lower-case names.
+        headers = [(k, v) for k, v in request.headers.multi_items() if k not in _DROPPED_HEADERS]
+        if backend.auth_headers:
+            headers = [(k, v) for k, v in headers if k not in ("authorization", "x-api-key")]
+            headers += list(backend.auth_headers.items())
         extensions = dict(request.extensions)
         timeout = dict(extensions.get("timeout") or {})
         timeout["connect"] = self.balancer.config.connect_timeout_s

@@ -24,17 +24,19 @@ from ._transport import HATransport
 __all__ = ["HttpxAsyncClient", "HttpxSyncClient", "HttpxSyncTransport", "HttpxTransport", "ha_client", "ha_sync_client"]
 
 
-def _backend_transport() -> httpx2.AsyncBaseTransport:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
-    return Httpx2FromHttpx(httpx.AsyncHTTPTransport(limits=limits))
+def _backend_transport(upstream: httpx.AsyncBaseTransport | None) -> httpx2.AsyncBaseTransport:
+    """Backends are called through classic httpx here, so respx mocks of them apply."""
+    if upstream is None:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
+        upstream = httpx.AsyncHTTPTransport(limits=limits)
+    return Httpx2FromHttpx(upstream)
 
 
 class HttpxTransport(httpx.AsyncBaseTransport):
     """:class:`~llamacpp_ha.HATransport` as a classic ``httpx.AsyncBaseTransport``."""
 
     def __init__(self, config: BalancerConfig, *, upstream: httpx.AsyncBaseTransport | None = None) -> None:
-        backend = Httpx2FromHttpx(upstream) if upstream is not None else _backend_transport()
-        self._transport = HATransport(config, upstream=backend)
+        self._transport = HATransport(config, upstream=_backend_transport(upstream))
 
     @property
     def balancer(self) -> Balancer:
@@ -56,8 +58,7 @@ class HttpxSyncTransport(httpx.BaseTransport):
     """The balancer as a classic blocking ``httpx.BaseTransport`` (the engine runs on a private loop)."""
 
     def __init__(self, config: BalancerConfig, *, upstream: httpx.AsyncBaseTransport | None = None) -> None:
-        backend = Httpx2FromHttpx(upstream) if upstream is not None else _backend_transport()
-        self._transport = SyncHATransport(config, upstream=backend)
+        self._transport = SyncHATransport(config, upstream=_backend_transport(upstream))
 
     @property
     def balancer(self) -> Balancer:

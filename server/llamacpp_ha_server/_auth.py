@@ -5,7 +5,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._config import ApiKey
-from ._errors import error_body
+from ._errors import send_error
 
 __all__ = ["ApiKeyMiddleware", "key_name"]
 
@@ -39,14 +39,8 @@ class ApiKeyMiddleware:
             return
         name = self._match(scope)
         if name is None:
-            body = error_body(
-                "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                "authentication_error",
-                "invalid_api_key",
-            )
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            message = "Invalid or missing API key: send 'Authorization: Bearer <key>'."
+            await send_error(send, 401, message, "authentication_error", "invalid_api_key")
             return
         scope.setdefault("state", {})[_KEY_NAME] = name
         await self.app(scope, receive, send)

@@ -11,7 +11,7 @@ from starlette.types import Message, Receive, Scope, Send
 from llamacpp_ha import HATransport, RouteInfo
 
 from ._auth import key_name
-from ._errors import error_body
+from ._errors import send_error
 from ._metrics import ServerMetrics
 
 __all__ = ["ProxyEndpoint", "ServerState"]
@@ -68,13 +68,13 @@ class ProxyEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._state.draining:
-            await _send_error(send, 503, "The server is shutting down.", "unavailable_error", "draining", retry=True)
+            await send_error(send, 503, "The server is shutting down.", "unavailable_error", "draining", retry=True)
             return
         try:
             body = await self._read_body(scope, receive)
         except _BodyTooLarge:
             message = f"The request body is larger than {self._max_body} bytes."
-            await _send_error(send, 413, message, "invalid_request_error", "request_too_large")
+            await send_error(send, 413, message, "invalid_request_error", "request_too_large")
             return
         if body is None:
             return  # the client left while sending
@@ -153,18 +153,3 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope, comp
             if not completed.is_set():
                 scope.cancel()
             return
-
-
-async def _send_error(
-    send: Send, status: int, message: str, error_type: str, code: str, *, retry: bool = False
-) -> None:
-    body = error_body(message, error_type, code)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-should-retry", b"true" if retry else b"false"),
-    ]
-    if retry:
-        headers.append((b"retry-after-ms", b"1000"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
