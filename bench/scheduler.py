@@ -3,7 +3,9 @@
     python -m bench.scheduler [--backends 10,200,1000] [--waiting 10000] [--decisions 5000]
 
 Every backend is full and requests wait; each measured decision is one slot given back, which
-grants it to the oldest waiting request through the scheduler and the (default) affinity policy.
+grants it through the scheduler and the (default) cost-aware policy: each request carries the
+prompt blocks of one of 2,000 conversations (4 to 64 blocks), so the prefix index is populated,
+holders are looked up and some requests park for the backend holding their prefix.
 Also: decision time as the queue grows, memory per waiting request, and the package's import time.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 
 from llamacpp_ha import BackendConfig, BackendState, Balancer, BalancerConfig
 from llamacpp_ha._leases import Lease
+from llamacpp_ha._prompt import PromptShape
 from llamacpp_ha._queue import Waiter
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,12 +44,19 @@ def fleet(backends: int) -> Balancer:
     return balancer
 
 
+CONVERSATIONS = 2_000
+
+
+def prompt(rng: random.Random) -> PromptShape:
+    conversation = rng.randrange(CONVERSATIONS)
+    blocks = tuple(conversation.to_bytes(4, "little") + i.to_bytes(4, "little") for i in range(rng.randint(4, 64)))
+    return PromptShape(blocks, len(blocks) * 512 + 100, 1)
+
+
 def enqueue(balancer: Balancer, count: int, loop: asyncio.AbstractEventLoop, rng: random.Random) -> None:
+    now = time.monotonic()
     for _ in range(count):
-        waiter = Waiter(
-            balancer.queue.next_seq(), "model", f"prefix:{rng.getrandbits(64):x}", frozenset(), loop.create_future(),
-            loop.time(),
-        )  # fmt: skip
+        waiter = Waiter(balancer.queue.next_seq(), "model", loop.create_future(), now, prompt=prompt(rng))
         balancer.queue.push(waiter)
 
 

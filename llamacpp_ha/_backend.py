@@ -3,10 +3,14 @@ from __future__ import annotations
 import logging
 import time
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import httpx2
 
 from ._config import BackendConfig
+
+if TYPE_CHECKING:
+    from ._leases import Lease
 
 __all__ = ["Backend", "BackendState", "model_names"]
 
@@ -49,6 +53,7 @@ class Backend:
         self._state = BackendState.UNKNOWN
         self._reported_capacity = 0
         self._in_flight = 0
+        self._in_flight_peak = 0
         self._external = 0
         self.free = 0
         """Free slots now: derived, kept current by the setters below (the scheduler reads it per backend)."""
@@ -64,6 +69,22 @@ class Backend:
         """At least one poll finished (whatever it found)."""
         self.requests = 0
         self.errors = 0
+        self.n_ctx: int | None = None
+        """Context per slot in tokens, from ``/props``."""
+        self.leases: set[Lease] = set()
+        """Our leases on this backend now."""
+        self.generation = 0
+        """Counts the times the backend became ready: a new generation has empty prompt caches."""
+        self.prefill_rate: float | None = None
+        """Learned prompt tokens per second (moving average of what responses report)."""
+        self.service_s: float | None = None
+        """Learned time a request holds a slot here (moving average)."""
+        self.prompt_tokens = 0
+        """Prompt tokens of finished responses, as reported by the backend."""
+        self.cached_tokens = 0
+        """Of those, served from the backend's prompt cache (``timings.cache_n``)."""
+        self.expected_cached_tokens = 0.0
+        """What the prefix index expected to be cached, for the same responses."""
 
     @staticmethod
     def _names_for(ids: tuple[str, ...], aliases: tuple[str, ...]) -> set[str]:
@@ -103,6 +124,7 @@ class Backend:
     @in_flight.setter
     def in_flight(self, value: int) -> None:
         self._in_flight = value
+        self._in_flight_peak = max(self._in_flight_peak, value)
         self._update_free()
 
     @property
@@ -132,6 +154,10 @@ class Backend:
         """Busy fraction of the slots, ours and others'."""
         return (self.in_flight + self.external) / self.capacity if self.capacity else 1.0
 
+    def pending_prefill(self, now: float) -> float:
+        """Uncached prompt tokens of our requests that are still being processed here."""
+        return sum(lease.uncached_tokens for lease in self.leases if lease.prefilling(now))
+
     def serves(self, model: str | None) -> bool:
         return model is None or model in self._names
 
@@ -148,18 +174,24 @@ class Backend:
             return
         level = logging.WARNING if state in (BackendState.DEAD, BackendState.LOADING) else logging.INFO
         logger.log(level, "backend %s (%s): %s -> %s: %s", self.name, self.url, self.state, state, reason)
+        if state is BackendState.HEALTHY:
+            self.generation += 1
         self.state = state
 
-    def reconcile(self, observed_busy: int | None, in_flight_when_asked: int) -> None:
+    def begin_poll(self) -> None:
+        """A ``/slots`` poll is about to be sent: count our leases from now until it answers."""
+        self._in_flight_peak = self._in_flight
+
+    def reconcile(self, observed_busy: int | None) -> None:
         """Take the busy count a ``/slots`` poll saw, net of our own leases.
 
         Our leases may have been taken or given back while the poll was on the wire, so the
-        larger of the counts at sending and now is subtracted: a request we just sent may
-        not show as busy yet, and one we just finished may still show.
+        most we held at any moment since it was sent is subtracted: a request we just sent may
+        not show as busy yet, and one that came and went may still show.
         """
         self.observed_busy = observed_busy
         self.last_poll = time.monotonic()
         if observed_busy is None:
             self.external = 0
             return
-        self.external = max(0, observed_busy - max(in_flight_when_asked, self.in_flight))
+        self.external = max(0, observed_busy - self._in_flight_peak)

@@ -25,7 +25,7 @@ from ._policies import make_policy
 from ._queue import Waiter, WaitQueue
 from ._registry import Registry
 from ._request import RequestFacts
-from ._scheduler import Scheduler
+from ._scheduler import Scheduler, SchedulerSettings
 from ._stats import BalancerSnapshot, Stats, snapshot_backend, snapshot_counters
 
 __all__ = ["Balancer"]
@@ -47,7 +47,14 @@ class Balancer:
         self.stats = Stats()
         self.queue = WaitQueue()
         self.affinity = AffinityTable(config.affinity_ttl_s, config.affinity_max_entries)
-        self.scheduler = Scheduler(self.backends, self.queue, make_policy(config.policy), self.affinity, self.stats)
+        settings = SchedulerSettings(
+            cost_aware=config.policy == "affinity",
+            block_bytes=config.prefix_block_bytes,
+            patience_max_s=config.patience_max_s,
+            ram_cache_tokens=config.ram_cache_tokens,
+        )
+        policy = make_policy(config.policy)
+        self.scheduler = Scheduler(self.backends, self.queue, policy, self.affinity, self.stats, settings)
         self._registry_instance: Registry | None = None
         self._poller: asyncio.Task[None] | None = None
         self._polled = asyncio.Event()
@@ -88,6 +95,7 @@ class Balancer:
         if self._closed:
             return
         self._closed = True
+        self.scheduler.close()
         for waiter in self.queue.drain():
             waiter.future.set_exception(BalancerClosedError("The balancer was closed while the request waited."))
         if self._poller is not None:
@@ -112,7 +120,7 @@ class Balancer:
         backend.polled = True
         if all(b.polled for b in self.backends):
             self._polled.set()
-        self.scheduler.dispatch()
+        self.scheduler.backends_changed()
 
     def _registry(self) -> Registry:
         if self._registry_instance is None:
@@ -193,10 +201,19 @@ class Balancer:
             raise BalancerClosedError("The balancer is closed.")
         model = self.resolve_model(facts.model)
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         deadline = deadline if deadline is not None else now + self.config.queue_timeout_s
         future: asyncio.Future[Lease] = loop.create_future()
-        waiter = Waiter(self.queue.next_seq() if seq is None else seq, model, facts.affinity_key, excluded, future, now)
+        waiter = Waiter(
+            self.queue.next_seq() if seq is None else seq,
+            model,
+            future,
+            now,
+            prompt=facts.prompt,
+            pin=facts.pin,
+            excluded=excluded,
+            deadline=deadline,
+        )
         self.queue.push(waiter)
         self.scheduler.dispatch()
         if not future.done() and not excluded and len(self.queue) > self.config.max_queue:
@@ -209,7 +226,7 @@ class Balancer:
             )
         if not future.done():
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout(deadline - time.monotonic()):
                     await future
             except TimeoutError:
                 self._give_up(waiter)
@@ -222,7 +239,7 @@ class Balancer:
             except BaseException:
                 self._give_up(waiter)
                 raise
-        self.stats.record_wait(loop.time() - now)
+        self.stats.record_wait(time.monotonic() - now)
         return future.result()
 
     def _give_up(self, waiter: Waiter) -> None:
@@ -249,7 +266,7 @@ class Balancer:
         """The fleet and the balancer's counters now, as a JSON-serializable model."""
         return BalancerSnapshot(
             policy=self.config.policy,
-            backends=[snapshot_backend(backend) for backend in self.backends],
+            backends=[snapshot_backend(b, self.scheduler.index.size(b.name)) for b in self.backends],
             queue_depth=len(self.queue),
             affinity_entries=len(self.affinity),
             counters=snapshot_counters(self.stats),

@@ -78,9 +78,17 @@ class BalancerConfig(BaseSettings):
     stream_idle_timeout_s: float = Field(default=600.0, gt=0)
     """A response body nobody has read from for this long is closed and its slot given back."""
     affinity_ttl_s: float = Field(default=1800.0, gt=0)
+    """How long an explicit pin (``X-Session-Id`` header or ``user`` field) keeps its backend."""
     affinity_max_entries: int = Field(default=100_000, ge=1)
-    affinity_prefix_chars: int = Field(default=4096, ge=1)
-    """How much leading request content identifies a conversation."""
+    prefix_block_bytes: int = Field(default=512, ge=16)
+    """Size of the prompt blocks whose chained hashes the prefix index keeps (UTF-8 bytes, ~128 tokens)."""
+    prefix_max_blocks: int = Field(default=2048, ge=1)
+    """Blocks hashed per request at most: past this, a longer match would not change a decision."""
+    patience_max_s: float = Field(default=3.0, ge=0)
+    """Longest a request waits for the busy backend that holds its prefix before any free slot serves it."""
+    ram_cache_tokens: int = Field(default=65_536, ge=0)
+    """Prompt tokens a backend keeps in its RAM prompt cache (llama-server ``--cache-ram``; 8 GiB
+    holds about 65k tokens of an 8B model), on top of slots x context."""
     allow_unknown_models: bool = False
     """Send a model no backend lists to any backend (llama-server ignores the name) instead of 404."""
 

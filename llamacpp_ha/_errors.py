@@ -6,8 +6,9 @@ never touches a backend twice. Which status, which header, and who retries:
 =====================  ======  ==========================================================
 error                  status  meaning and retry policy
 =====================  ======  ==========================================================
-BadRequestError        400     body is not JSON, or lacks ``messages``/``prompt``; no backend
-                               was contacted. Not retried.
+BadRequestError        400     body is not JSON, lacks ``messages``/``prompt``, or a field
+                               has the wrong shape (``param`` names it); no backend was
+                               contacted. Not retried.
 ModelNotFoundError     404     no backend lists the model; the message lists those that do.
 QueueFullError         429     ``max_queue`` requests already wait. ``retry-after-ms`` says
                                when to come back.
@@ -49,9 +50,12 @@ __all__ = [
 ]
 
 
-def openai_error(message: str, error_type: str, code: str) -> dict[str, Any]:
-    """An error body in OpenAI's shape."""
-    return {"error": {"message": message, "type": error_type, "code": code}}
+def openai_error(message: str, error_type: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """An error body in OpenAI's shape (``param`` names the offending field, when one does)."""
+    error: dict[str, Any] = {"message": message, "type": error_type, "code": code}
+    if param is not None:
+        error["param"] = param
+    return {"error": error}
 
 
 class BalancerError(Exception):
@@ -61,13 +65,14 @@ class BalancerError(Exception):
     error_type: str = "server_error"
     code: str = "balancer_error"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        self.param = param
 
     def body(self) -> dict[str, Any]:
-        return openai_error(self.message, self.error_type, self.code)
+        return openai_error(self.message, self.error_type, self.code, self.param)
 
     def body_bytes(self) -> bytes:
         return json.dumps(self.body()).encode()

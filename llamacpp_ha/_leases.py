@@ -1,18 +1,47 @@
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from ._backend import Backend
 
-__all__ = ["Lease"]
+__all__ = ["Lease", "Timings"]
+
+_TIMINGS = re.compile(rb'"(cache_n|prompt_n|prompt_ms)"\s*:\s*([0-9.eE+-]+)')
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """What llama-server reported of one response's prompt processing (``timings``)."""
+
+    cache_n: int
+    prompt_n: int
+    prompt_ms: float
+
+    @staticmethod
+    def find(tail: bytes) -> Timings | None:
+        """The last ``timings`` in the tail of a response body, if it carries one."""
+        start = tail.rfind(b'"timings"')
+        if start < 0:
+            return None
+        found: dict[bytes, float] = {}
+        for name, value in _TIMINGS.findall(tail, start):
+            try:
+                found[name] = float(value)
+            except ValueError:
+                return None
+        if b"cache_n" not in found or b"prompt_n" not in found:
+            return None
+        return Timings(int(found[b"cache_n"]), int(found[b"prompt_n"]), found.get(b"prompt_ms", 0.0))
 
 
 class Lease:
-    """One slot on one backend, held from dispatch until the response body is finished.
+    """Slots on one backend, held from dispatch until the response body is finished.
 
-    :meth:`release` gives the slot back exactly once, synchronously: the scheduler sees the
-    free slot before the caller's next await, so no request waits beside an idle slot.
+    :meth:`release` gives them back exactly once, synchronously: the scheduler sees the free
+    slots before the caller's next await, so no request waits beside an idle slot.
     """
 
     __slots__ = (
@@ -21,29 +50,59 @@ class Lease:
         "affinity",
         "backend",
         "closer",
+        "expected_cached_tokens",
+        "first_byte_at",
         "last_activity",
+        "predicted_prefill_s",
+        "prompt_chars",
+        "prompt_tokens",
         "reading",
         "released",
+        "timings",
+        "uncached_tokens",
+        "weight",
     )
 
-    def __init__(self, backend: Backend, on_release: Callable[[Lease], None]) -> None:
+    def __init__(self, backend: Backend, on_release: Callable[[Lease], None], weight: int = 1) -> None:
         self.backend = backend
         self._on_release = on_release
+        self.weight = weight
+        """Slots this lease holds (llama-server runs ``n`` choices or several inputs as several tasks)."""
         self.released = False
         self.acquired_at = time.monotonic()
         self.last_activity = self.acquired_at
+        self.first_byte_at: float | None = None
         self.reading = False
         """True while the consumer waits for the backend's next bytes (not idle, however slow)."""
         self.affinity: str | None = None
-        """``hit``, ``miss`` or ``new`` when the request had a conversation key."""
+        """``hit``, ``miss`` or ``new``: whether the backend was the one holding most of the prompt."""
         self.closer: Callable[[], Awaitable[None]] | None = None
         """Closes the response this lease serves; called when the consumer abandons it."""
+        self.prompt_chars = 0
+        self.prompt_tokens = 0.0
+        """Estimated prompt tokens."""
+        self.expected_cached_tokens = 0.0
+        self.uncached_tokens = 0.0
+        self.predicted_prefill_s = 0.0
+        """Predicted time from dispatch to the first token."""
+        self.timings: Timings | None = None
+        """What the backend reported, once the response finished."""
 
     def touch(self) -> None:
-        self.last_activity = time.monotonic()
+        now = time.monotonic()
+        if self.first_byte_at is None:
+            self.first_byte_at = now
+        self.last_activity = now
 
     def idle_for(self, now: float) -> float:
         return 0.0 if self.reading else now - self.last_activity
+
+    def prefilling(self, now: float) -> bool:
+        """Whether this request's prompt is still being processed, as far as we can tell."""
+        if self.first_byte_at is not None:
+            return False
+        # A non-streamed answer has no first byte before the end: trust the prediction, with slack.
+        return now - self.acquired_at < 2 * self.predicted_prefill_s + 0.05
 
     def release(self) -> None:
         if self.released:

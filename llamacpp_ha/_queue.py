@@ -1,54 +1,100 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
-from collections import deque
-from collections.abc import Iterator
+from enum import Enum
 
 from ._leases import Lease
+from ._prompt import NO_PROMPT, PromptShape
 
-__all__ = ["WaitQueue", "Waiter"]
+__all__ = ["WaitQueue", "Waiter", "WaiterState"]
+
+_COMPACT_AT = 64
+
+
+class WaiterState(Enum):
+    QUEUED = "queued"
+    """In arrival order, to be served by the next free slot that suits it."""
+    PARKED = "parked"
+    """Waiting, with bounded patience, for the busy backend that holds its prefix."""
+    DONE = "done"
+    """Out of the queue: granted a slot, or gave up."""
 
 
 class Waiter:
     """A request waiting for a slot."""
 
-    __slots__ = ("affinity_key", "enqueued_at", "excluded", "future", "model", "seq")
+    __slots__ = (
+        "deadline",
+        "enqueued_at",
+        "excluded",
+        "future",
+        "model",
+        "parked_on",
+        "pin",
+        "prompt",
+        "saving_s",
+        "seq",
+        "state",
+    )
 
     def __init__(
         self,
         seq: int,
         model: str | None,
-        affinity_key: str | None,
-        excluded: frozenset[str],
         future: asyncio.Future[Lease],
         enqueued_at: float,
+        *,
+        prompt: PromptShape = NO_PROMPT,
+        pin: str | None = None,
+        excluded: frozenset[str] = frozenset(),
+        deadline: float = float("inf"),
     ) -> None:
         self.seq = seq
         self.model = model
-        self.affinity_key = affinity_key
-        self.excluded = excluded
         self.future = future
         self.enqueued_at = enqueued_at
+        """On the scheduler's clock (``time.monotonic``)."""
+        self.prompt = prompt
+        self.pin = pin
+        self.excluded = excluded
+        self.deadline = deadline
+        self.state = WaiterState.QUEUED
+        self.parked_on: str | None = None
+        self.saving_s = 0.0
+        """Predicted prefill time saved by waiting for ``parked_on``."""
 
     @property
     def waiting(self) -> bool:
-        return not self.future.done()
+        return self.state is not WaiterState.DONE and not self.future.done()
+
+    @property
+    def weight(self) -> int:
+        return self.prompt.weight
 
 
 class WaitQueue:
-    """The global FIFO of waiting requests, kept as one FIFO per requested model.
+    """The waiting requests: one arrival-ordered heap per model, retries apart, parked waiters per backend.
 
     Arrival order is a global sequence number, so the oldest servable request goes first
-    across all models, while a request for a model nobody can serve right now does not
-    block the ones behind it. A waiter that gives up is only marked (its future is done)
-    and dropped when it reaches a head, which keeps giving up O(1).
+    across all models, while a request for a model nobody can serve right now does not block
+    the ones behind it. A retried request (which excludes the backends that failed it) sits
+    apart, so that it cannot block its model's queue while a slot it may not use is free.
+    Parked waiters are indexed by the backend they wait for, best saving first, and leave the
+    arrival order until their patience ends. A waiter that gives up is dropped lazily; the
+    heaps are rebuilt once dead entries outnumber live ones, so memory follows the live count.
     """
 
     def __init__(self) -> None:
-        self._by_model: dict[str | None, deque[Waiter]] = {}
+        self._fifo: dict[str | None, list[tuple[int, Waiter]]] = {}
+        self._retries: list[Waiter] = []
+        self._parked: dict[str, list[tuple[float, int, Waiter]]] = {}
+        self._parked_count: dict[str, int] = {}
+        self._patience: list[tuple[float, int, Waiter]] = []
         self._seq = itertools.count()
         self._waiting = 0
+        self._dead = 0
 
     def __len__(self) -> int:
         return self._waiting
@@ -56,44 +102,148 @@ class WaitQueue:
     def next_seq(self) -> int:
         return next(self._seq)
 
+    def entries(self) -> int:
+        """Entries held, live and dead (memory, for tests)."""
+        heaps = sum(len(q) for q in self._fifo.values()) + sum(len(q) for q in self._parked.values())
+        return heaps + len(self._retries) + len(self._patience)
+
     def push(self, waiter: Waiter) -> None:
-        queue = self._by_model.setdefault(waiter.model, deque())
-        if queue and waiter.seq < queue[-1].seq:
-            # A retried request keeps its place: it goes before later arrivals.
-            position = next(i for i, other in enumerate(queue) if other.seq > waiter.seq)
-            queue.insert(position, waiter)
-        else:
-            queue.append(waiter)
+        waiter.state = WaiterState.QUEUED
+        self._enqueue(waiter)
         self._waiting += 1
 
-    def forget(self, waiter: Waiter) -> None:
-        """Count out a waiter whose future is done (granted or given up)."""
-        self._waiting -= 1
+    def _enqueue(self, waiter: Waiter) -> None:
+        if waiter.excluded:
+            self._retries.append(waiter)
+            self._retries.sort(key=lambda w: w.seq)
+        else:
+            heapq.heappush(self._fifo.setdefault(waiter.model, []), (waiter.seq, waiter))
 
-    def heads(self) -> Iterator[Waiter]:
-        """The first live waiter of each model's FIFO, oldest first."""
-        heads = []
-        for model in list(self._by_model):
-            queue = self._by_model[model]
-            while queue and not queue[0].waiting:
-                queue.popleft()
+    def heads(self) -> list[Waiter]:
+        """The first live queued waiter of each model, and every live retry, oldest first."""
+        heads: list[Waiter] = []
+        for model in list(self._fifo):
+            queue = self._fifo[model]
+            while queue and queue[0][1].state is not WaiterState.QUEUED:
+                heapq.heappop(queue)
             if queue:
-                heads.append(queue[0])
+                heads.append(queue[0][1])
             else:
-                del self._by_model[model]
-        heads.sort(key=lambda waiter: waiter.seq)
-        return iter(heads)
+                del self._fifo[model]
+        if self._retries:
+            self._retries = [w for w in self._retries if w.state is WaiterState.QUEUED]
+            heads += self._retries
+            heads.sort(key=lambda waiter: waiter.seq)
+        elif len(heads) > 1:
+            heads.sort(key=lambda waiter: waiter.seq)
+        return heads
 
-    def pop(self, waiter: Waiter) -> None:
-        """Remove a head that is being granted a slot."""
-        queue = self._by_model[waiter.model]
-        assert queue[0] is waiter
-        queue.popleft()
+    def take(self, waiter: Waiter) -> None:
+        """Remove a waiter that is being granted a slot (a head, a retry or a parked one)."""
+        self._leave(waiter)
+        if waiter.excluded and waiter in self._retries:
+            self._retries.remove(waiter)
+
+    def park(self, waiter: Waiter, backend: str, saving_s: float, until: float) -> None:
+        """A head waits for ``backend`` until ``until`` at the latest."""
+        if waiter.excluded:
+            self._retries.remove(waiter)
+        else:
+            queue = self._fifo[waiter.model]
+            assert queue[0][1] is waiter, "only a head is parked"
+            heapq.heappop(queue)
+        waiter.state = WaiterState.PARKED
+        waiter.parked_on = backend
+        waiter.saving_s = saving_s
+        heapq.heappush(self._parked.setdefault(backend, []), (-saving_s, waiter.seq, waiter))
+        self._parked_count[backend] = self._parked_count.get(backend, 0) + 1
+        heapq.heappush(self._patience, (until, waiter.seq, waiter))
+
+    def parked_count(self, backend: str) -> int:
+        return self._parked_count.get(backend, 0)
+
+    def next_patience_end(self) -> float | None:
+        while self._patience and self._patience[0][2].state is not WaiterState.PARKED:
+            heapq.heappop(self._patience)
+        return self._patience[0][0] if self._patience else None
+
+    def end_patience(self, now: float) -> None:
+        """Parked waiters whose patience ran out go back to arrival order."""
+        patience = self._patience
+        while patience and (patience[0][0] <= now or patience[0][2].state is not WaiterState.PARKED):
+            _, _, waiter = heapq.heappop(patience)
+            if waiter.state is WaiterState.PARKED:
+                self._unpark(waiter)
+
+    def unpark_all(self, backend: str) -> None:
+        """The backend can no longer serve: its parked waiters go back to arrival order."""
+        for _, _, waiter in self._parked.pop(backend, []):
+            if waiter.state is WaiterState.PARKED and waiter.parked_on == backend:
+                self._unpark(waiter)
+        self._parked_count.pop(backend, None)
+
+    def _unpark(self, waiter: Waiter) -> None:
+        assert waiter.parked_on is not None
+        self._parked_count[waiter.parked_on] -= 1
+        waiter.parked_on = None
+        waiter.state = WaiterState.QUEUED
+        self._enqueue(waiter)
+
+    def best_parked(self, backend: str) -> Waiter | None:
+        """The live waiter parked for ``backend`` that saves the most there."""
+        queue = self._parked.get(backend)
+        while queue:
+            waiter = queue[0][2]
+            if waiter.state is WaiterState.PARKED and waiter.parked_on == backend and not waiter.future.done():
+                return waiter
+            heapq.heappop(queue)
+        return None
+
+    def forget(self, waiter: Waiter) -> None:
+        """A waiter gave up (timed out, cancelled, refused): count it out; its entries go lazily."""
+        if waiter.state is not WaiterState.DONE:
+            self._leave(waiter)
+            self._dead += 1
+            if self._dead > _COMPACT_AT and self._dead > self._waiting:
+                self._compact()
+
+    def _leave(self, waiter: Waiter) -> None:
+        if waiter.state is WaiterState.PARKED and waiter.parked_on is not None:
+            self._parked_count[waiter.parked_on] -= 1
+        waiter.state = WaiterState.DONE
+        waiter.parked_on = None
         self._waiting -= 1
+
+    def _compact(self) -> None:
+        for model, queue in list(self._fifo.items()):
+            live = [entry for entry in queue if entry[1].state is WaiterState.QUEUED]
+            heapq.heapify(live)
+            if live:
+                self._fifo[model] = live
+            else:
+                del self._fifo[model]
+        for backend, parked in list(self._parked.items()):
+            kept = [e for e in parked if e[2].state is WaiterState.PARKED and e[2].parked_on == backend]
+            heapq.heapify(kept)
+            self._parked[backend] = kept
+        self._patience = [e for e in self._patience if e[2].state is WaiterState.PARKED]
+        heapq.heapify(self._patience)
+        self._retries = [w for w in self._retries if w.state is WaiterState.QUEUED]
+        self._dead = 0
 
     def drain(self) -> list[Waiter]:
         """Take every live waiter out of the queue (the balancer is closing)."""
-        waiters = [w for queue in self._by_model.values() for w in queue if w.waiting]
-        self._by_model.clear()
+        waiters = {id(e[1]): e[1] for q in self._fifo.values() for e in q}
+        waiters |= {id(e[2]): e[2] for q in self._parked.values() for e in q}
+        waiters |= {id(w): w for w in self._retries}
+        self._fifo.clear()
+        self._parked.clear()
+        self._parked_count.clear()
+        self._patience.clear()
+        self._retries.clear()
+        live = [waiter for waiter in waiters.values() if waiter.waiting]
+        for waiter in live:
+            self._leave(waiter)
         self._waiting = 0
-        return waiters
+        self._dead = 0
+        return sorted(live, key=lambda waiter: waiter.seq)

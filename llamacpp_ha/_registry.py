@@ -35,7 +35,7 @@ class Registry:
         return await self._client.get(backend.url + path, headers=backend.auth_headers, timeout=self._timeout)
 
     async def poll(self, backend: Backend) -> None:
-        in_flight_when_asked = backend.in_flight
+        backend.begin_poll()
         try:
             health = await self._get(backend, "/health")
         except httpx2.HTTPError as exc:
@@ -59,7 +59,7 @@ class Registry:
         self._read_props(backend, props.json())
         self._read_models(backend, models.json())
         busy = await self._read_slots(backend)
-        backend.reconcile(busy, in_flight_when_asked)
+        backend.reconcile(busy)
         backend.set_state(BackendState.HEALTHY, "sleeping" if backend.sleeping else "ready")
 
     @staticmethod
@@ -70,6 +70,10 @@ class Registry:
         if isinstance(total_slots, int) and total_slots > 0:
             backend.reported_capacity = total_slots
         backend.sleeping = props.get("is_sleeping") is True
+        settings = props.get("default_generation_settings")
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        if isinstance(n_ctx, int) and n_ctx > 0:
+            backend.n_ctx = n_ctx
         backend.slots_endpoint = props.get("endpoint_slots") is not False
 
     @staticmethod

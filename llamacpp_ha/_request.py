@@ -1,33 +1,21 @@
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ._errors import BadRequestError
+from ._prompt import NO_PROMPT, PromptShape, prompt_shape
+from ._routes import Route
 
-__all__ = ["SLOT_PATHS", "RequestFacts", "parse_request"]
+__all__ = ["RequestFacts", "parse_request"]
 
-# POST paths that occupy a llama-server slot; everything else is answered without one.
-CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
-PROMPT_PATHS = frozenset({"/v1/completions", "/completion", "/completions", "/infill"})
-SLOT_PATHS = (
-    CHAT_PATHS
-    | PROMPT_PATHS
-    | frozenset(
-        {
-            "/v1/embeddings",
-            "/embeddings",
-            "/v1/rerank",
-            "/rerank",
-            "/reranking",
-            "/v1/responses",
-            "/v1/messages",
-        }
-    )
-)
+# llama-server accepts ``n`` up to its slot count; far beyond any fleet's is a mistake.
+_MAX_N = 128
+_TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "n_predict", "max_output_tokens")
+_NUMBERS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,71 +24,84 @@ class RequestFacts:
 
     model: str | None
     stream: bool
-    affinity_key: str | None
+    pin: str | None = None
+    """An explicit conversation pin (``X-Session-Id`` header or ``user`` field), or None."""
+    prompt: PromptShape = NO_PROMPT
 
 
-def parse_request(path: str, header: Callable[[str], str | None], body: bytes, prefix_chars: int) -> RequestFacts:
-    """Read the routing facts of a slot-consuming request; raise BadRequestError for a bad body."""
+def parse_request(
+    route: Route, header: Callable[[str], str | None], body: bytes, block_bytes: int, max_blocks: int
+) -> RequestFacts:
+    """Read and check the routing facts of a slot-taking request; raise BadRequestError for a bad body."""
     try:
         payload = json.loads(body) if body else None
+    except RecursionError:
+        raise BadRequestError("The request body is nested too deeply.") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise BadRequestError("The request body must be a JSON object.")
-    if path in CHAT_PATHS:
-        messages = payload.get("messages")
-        if messages is None:
-            raise BadRequestError("'messages' is required.")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequestError("'messages' must be a non-empty array of messages.")
-    elif path in PROMPT_PATHS and "prompt" not in payload:
-        raise BadRequestError("'prompt' is required.")
+    _check(route, payload)
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
-        raise BadRequestError("'model' must be a string.")
+        raise BadRequestError("'model' must be a string.", param="model")
+    if model is not None and not _encodable(model):
+        raise BadRequestError("'model' is not valid Unicode.", param="model")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequestError("'stream' must be true or false.", param="stream")
+    user = payload.get("user")
+    session = header("x-session-id")
+    pin = "session:" + session if session else ("user:" + user if isinstance(user, str) and user else None)
     return RequestFacts(
         model=model or None,
-        stream=payload.get("stream") is True,
-        affinity_key=_affinity_key(path, header, payload, model, prefix_chars),
+        stream=stream is True,
+        pin=pin,
+        prompt=prompt_shape(route.kind, payload, model, block_bytes, max_blocks),
     )
 
 
-def _affinity_key(
-    path: str,
-    header: Callable[[str], str | None],
-    payload: dict[str, Any],
-    model: str | None,
-    prefix_chars: int,
-) -> str | None:
-    session = header("x-session-id")
-    if session:
-        return "session:" + session
-    user = payload.get("user")
-    if isinstance(user, str) and user:
-        return "user:" + user
-    if path in CHAT_PATHS:
-        leading = _leading_messages(payload["messages"])
-    elif "prompt" in payload:
-        prompt = payload["prompt"]
-        leading = prompt if isinstance(prompt, str) else json.dumps(prompt)
-    else:
-        return None
-    digest = hashlib.sha256()
-    digest.update((model or "").encode())
-    digest.update(b"\0")
-    digest.update(leading[:prefix_chars].encode("utf-8", "surrogatepass"))
-    return "prefix:" + digest.hexdigest()
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _leading_messages(messages: list[Any]) -> str:
-    """The system prompt plus the first user message: what stays the same for a whole conversation."""
-    system = next((m for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")), None)
-    user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
-    return "\0".join(_content_text(m) for m in (system, user))
-
-
-def _content_text(message: dict[str, Any] | None) -> str:
-    if message is None:
-        return ""
-    content = message.get("content")
-    return content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+def _check(route: Route, payload: dict[str, Any]) -> None:
+    """The checks that cost nothing next to parsing: shapes llama-server would choke on."""
+    kind = route.kind
+    if kind == "chat" or kind == "messages":
+        messages = payload.get("messages")
+        if messages is None:
+            raise BadRequestError("'messages' is required.", param="messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequestError("'messages' must be a non-empty array of messages.", param="messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise BadRequestError(f"'messages[{index}]' must be an object.", param=f"messages[{index}]")
+            if not isinstance(message.get("role"), str):
+                raise BadRequestError(f"'messages[{index}].role' must be a string.", param=f"messages[{index}].role")
+            content = message.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                param = f"messages[{index}].content"
+                raise BadRequestError(f"'{param}' must be a string or an array of parts.", param=param)
+    elif kind == "completion" and "prompt" not in payload:
+        raise BadRequestError("'prompt' is required.", param="prompt")
+    for name in _TOKEN_LIMITS:
+        value = payload.get(name)
+        if value is None:
+            continue
+        lowest = -1 if name == "n_predict" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise BadRequestError(f"'{name}' must be an integer >= {lowest}, got {value!r}.", param=name)
+    n = payload.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _MAX_N):
+        raise BadRequestError(f"'n' must be an integer from 1 to {_MAX_N}, got {n!r}.", param="n")
+    for name in _NUMBERS:
+        value = payload.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise BadRequestError(f"'{name}' must be a number, got {value!r}.", param=name)

@@ -1,23 +1,63 @@
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ._affinity import AffinityTable
 from ._backend import Backend
+from ._cost import CostModel
 from ._leases import Lease
 from ._policies import Policy
+from ._prefix import PrefixIndex
 from ._queue import Waiter, WaitQueue
 from ._stats import Stats
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "SchedulerSettings"]
+
+_MIN_SAVING_S = 0.02
+"""Waiting for a busy backend must promise at least this much, or it is not worth the bookkeeping."""
+
+
+_TIE_S = 0.005
+_TIE_SHARE = 0.05
+"""Predictions this close (5 ms, or 5%) are equal: then the least busy backend wins."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    cost_aware: bool = True
+    """Route by predicted time to first token and let slots pick their waiters (the ``affinity`` policy)."""
+    block_bytes: int = 512
+    patience_max_s: float = 3.0
+    ram_cache_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Option:
+    backend: Backend
+    matched_blocks: int
+    uncached_tokens: float
+    prefill_s: float
 
 
 class Scheduler:
-    """Grants free slots to waiting requests, oldest servable request first.
+    """Grants free slots to waiting requests.
+
+    With the cost-aware policy a request goes where its predicted time to first token is
+    lowest: the wait for a slot there plus the uncached part of its prompt, behind the
+    prefills already running there, at that backend's measured rate. A request whose prefix
+    lives on a busy backend may wait for it (it is *parked*) while the predicted saving
+    exceeds the predicted wait, never past ``patience_max_s`` after its arrival; a slot that
+    frees there picks the parked waiter that saves the most. Past its patience a waiter is
+    served in arrival order, and a waiter older than ``patience_max_s`` goes before parked
+    ones, so cache-hitting traffic cannot starve it.
 
     :meth:`dispatch` runs to completion without awaiting, so a slot cannot be granted twice
     and a grant cannot be interrupted half-way. It is called on every change that can free
-    a slot or add a request: a lease released, a poll result, a new or retried request.
+    a slot or add a request: a lease released, a poll result, a new or retried request, and
+    the end of a parked waiter's patience.
     """
 
     def __init__(
@@ -27,56 +67,279 @@ class Scheduler:
         policy: Policy,
         affinity: AffinityTable,
         stats: Stats,
+        settings: SchedulerSettings | None = None,
     ) -> None:
         self._backends = backends
+        self._by_name = {backend.name: backend for backend in backends}
         self._queue = queue
         self._policy = policy
         self._affinity = affinity
         self._stats = stats
+        self.settings = settings or SchedulerSettings()
+        self.index = PrefixIndex()
+        self.cost = CostModel(backends)
         self.leases: set[Lease] = set()
+        self._generations = {backend.name: backend.generation for backend in backends}
+        self._turn = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    # -- events -----------------------------------------------------------------------------
+
+    def backends_changed(self) -> None:
+        """A poll finished: forget the caches of restarted backends, resize the index, dispatch."""
+        for backend in self._backends:
+            if backend.generation != self._generations[backend.name]:
+                self._generations[backend.name] = backend.generation
+                self.index.clear(backend.name)
+            self.index.set_ceiling(backend.name, self._ceiling_blocks(backend))
+            if not backend.routable:
+                self._queue.unpark_all(backend.name)
+        self.dispatch()
+
+    def _ceiling_blocks(self, backend: Backend) -> int:
+        tokens_per_block = self.settings.block_bytes * self.cost.tokens_per_char(None)
+        n_ctx = backend.n_ctx or 4096
+        return int((backend.capacity * n_ctx + self.settings.ram_cache_tokens) / tokens_per_block)
 
     def dispatch(self) -> None:
-        if not len(self._queue):
+        queue = self._queue
+        if not len(queue):
             return
+        now = time.monotonic()
+        queue.end_patience(now)
         # Built once per call and kept up to date as slots are granted: a dispatch after one
         # released slot costs one pass over the backends, not one per loop turn.
         free = [backend for backend in self._backends if backend.free > 0]
-        while free and len(self._queue):
-            for waiter in self._queue.heads():
-                candidates = [b for b in free if b.serves(waiter.model) and b.name not in waiter.excluded]
-                if candidates:
-                    self._queue.pop(waiter)
-                    backend = self._grant(waiter, candidates)
-                    if backend.free == 0:
-                        free.remove(backend)
+        if free and self.settings.cost_aware:
+            # Waiters past their patience first, then the parked ones, then arrival order.
+            self._serve_in_order(free, now, overdue_only=True)
+            if free:
+                self._serve_parked(free, now)
+        if free:
+            self._serve_in_order(free, now)
+        self._arm_timer()
+
+    def _serve_parked(self, free: list[Backend], now: float) -> None:
+        """Each free slot first picks, among the waiters parked for its backend, the best saving."""
+        for backend in list(free):
+            while backend.free > 0:
+                waiter = self._queue.best_parked(backend.name)
+                if waiter is None or not self._fits(waiter, backend):
                     break
+                self._queue.take(waiter)
+                self._grant(waiter, backend, now)
+            if backend.free == 0:
+                free.remove(backend)
+
+    def _serve_in_order(self, free: list[Backend], now: float, *, overdue_only: bool = False) -> None:
+        """Heads in arrival order take the free slots; ``overdue_only`` stops at the first patient head."""
+        queue = self._queue
+        while free and len(queue):
+            for waiter in queue.heads():
+                overdue = now - waiter.enqueued_at >= self.settings.patience_max_s
+                if overdue_only and not overdue:
+                    return
+                candidates = [b for b in free if self._eligible(waiter, b)]
+                if not candidates:
+                    continue
+                if self.settings.cost_aware:
+                    backend = self._decide(waiter, candidates, now)
+                    if backend is None:
+                        break  # parked: look at the heads again
+                else:
+                    backend = self._policy.choose(candidates, None)
+                queue.take(waiter)
+                self._grant(waiter, backend, now)
+                if backend.free == 0:
+                    free.remove(backend)
+                break
             else:
                 return
 
-    def _grant(self, waiter: Waiter, candidates: list[Backend]) -> Backend:
-        key = waiter.affinity_key
-        preferred = self._affinity.get(key) if key is not None else None
-        backend = self._policy.choose(candidates, preferred)
-        lease = Lease(backend, self._release)
-        if preferred is not None:
-            if backend.name == preferred:
-                self._stats.affinity_hits += 1
-                lease.affinity = "hit"
-            else:
-                self._stats.affinity_misses += 1
-                lease.affinity = "miss"
-        if key is not None:
-            self._affinity.set(key, backend.name)
-            lease.affinity = lease.affinity or "new"
-        backend.in_flight += 1
+    @staticmethod
+    def _fits(waiter: Waiter, backend: Backend) -> bool:
+        return backend.free >= min(waiter.weight, backend.capacity)
+
+    def _eligible(self, waiter: Waiter, backend: Backend) -> bool:
+        return self._fits(waiter, backend) and backend.serves(waiter.model) and backend.name not in waiter.excluded
+
+    # -- the cost decision ------------------------------------------------------------------
+
+    def _options(self, waiter: Waiter, backends: Sequence[Backend], now: float) -> list[_Option]:
+        blocks = waiter.prompt.blocks
+        holders = self.index.holders(blocks[0]) if blocks else set()
+        tokens_per_char = self.cost.tokens_per_char(waiter.model)
+        prompt_tokens = max(1.0, waiter.prompt.chars * tokens_per_char)
+        block_tokens = self.settings.block_bytes * tokens_per_char
+        options = []
+        for backend in backends:
+            matched = self.index.match(backend.name, blocks) if backend.name in holders else 0
+            uncached = max(1.0, prompt_tokens - matched * block_tokens)
+            options.append(_Option(backend, matched, uncached, self.cost.prefill_s(backend, uncached, now)))
+        return options
+
+    def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | None:
+        """The free backend to grant now, or None when the waiter was parked for a busy one."""
+        options = self._options(waiter, candidates, now)
+        best = self._cheapest(options)
+        patient = now - waiter.enqueued_at < self.settings.patience_max_s and now < waiter.deadline
+        pinned = self._affinity.get(waiter.pin) if waiter.pin is not None else None
+        if pinned is not None:
+            chosen = next((o for o in options if o.backend.name == pinned), None)
+            if chosen is not None:
+                return chosen.backend
+            target = self._busy_target(waiter, pinned)
+            if patient and target is not None:
+                until = min(waiter.enqueued_at + self.settings.patience_max_s, waiter.deadline)
+                self._queue.park(waiter, pinned, self.settings.patience_max_s, until)
+                return None
+            return best.backend
+        if not patient or not waiter.prompt.blocks:
+            return best.backend
+        held = self._deepest_busy_holder(waiter, best, now)
+        if held is None:
+            return best.backend
+        saving_s = best.prefill_s - held.prefill_s
+        wait_s = self.cost.slot_wait_s(held.backend, self._queue.parked_count(held.backend.name))
+        if saving_s - wait_s < _MIN_SAVING_S:
+            return best.backend
+        until = min(now + saving_s, waiter.enqueued_at + self.settings.patience_max_s, waiter.deadline)
+        self._queue.park(waiter, held.backend.name, saving_s, until)
+        return None
+
+    def _cheapest(self, options: list[_Option]) -> _Option:
+        """The lowest predicted prefill; near-ties go to the least busy backend, rotating."""
+        lowest = min(option.prefill_s for option in options)
+        tolerance = max(_TIE_S, lowest * _TIE_SHARE)
+        close = [option for option in options if option.prefill_s <= lowest + tolerance]
+        if len(close) == 1:
+            return close[0]
+        self._turn += 1
+        start = self._turn % len(close)
+        rotated = close[start:] + close[:start]
+        return min(rotated, key=lambda option: option.backend.load)
+
+    def _busy_target(self, waiter: Waiter, name: str) -> Backend | None:
+        backend = self._by_name.get(name)
+        if backend is None or not backend.routable or not backend.serves(waiter.model) or name in waiter.excluded:
+            return None
+        return backend
+
+    def _deepest_busy_holder(self, waiter: Waiter, best: _Option, now: float) -> _Option | None:
+        """A busy backend holding more of the prompt than the best free one, if any."""
+        blocks = waiter.prompt.blocks
+        if best.matched_blocks >= len(blocks):
+            return None
+        deeper = self.index.holders(blocks[best.matched_blocks])
+        if not deeper:
+            return None
+        busy = [
+            b
+            for b in map(self._by_name.__getitem__, deeper)
+            if b.free < min(waiter.weight, max(1, b.capacity)) and b.routable
+            and b.serves(waiter.model) and b.name not in waiter.excluded
+        ]  # fmt: skip
+        if not busy:
+            return None
+        return min(self._options(waiter, busy, now), key=lambda o: o.prefill_s)
+
+    # -- grants and releases ----------------------------------------------------------------
+
+    def _grant(self, waiter: Waiter, backend: Backend, now: float) -> None:
+        weight = min(waiter.weight, backend.capacity)
+        lease = Lease(backend, self._release, weight)
+        blocks = waiter.prompt.blocks
+        tokens_per_char = self.cost.tokens_per_char(waiter.model)
+        prompt_tokens = max(1.0, waiter.prompt.chars * tokens_per_char)
+        matched = self.index.match(backend.name, blocks)
+        lease.prompt_chars = waiter.prompt.chars
+        lease.prompt_tokens = prompt_tokens
+        lease.expected_cached_tokens = min(prompt_tokens - 1, matched * self.settings.block_bytes * tokens_per_char)
+        lease.uncached_tokens = prompt_tokens - lease.expected_cached_tokens
+        lease.predicted_prefill_s = self.cost.prefill_s(backend, lease.uncached_tokens, now)
+        lease.affinity = self._affinity_outcome(waiter, backend, matched)
+        if waiter.pin is not None:
+            self._affinity.set(waiter.pin, backend.name)
+        if blocks:
+            self.index.insert(backend.name, blocks)
+        backend.in_flight += weight
         backend.requests += 1
+        backend.leases.add(lease)
         self._stats.dispatched += 1
         self.leases.add(lease)
         waiter.future.set_result(lease)
-        return backend
+
+    def _affinity_outcome(self, waiter: Waiter, backend: Backend, matched: int) -> str | None:
+        if waiter.pin is not None:
+            pinned = self._affinity.get(waiter.pin)
+            outcome = "new" if pinned is None else ("hit" if pinned == backend.name else "miss")
+        elif not waiter.prompt.blocks:
+            return None
+        else:
+            holders = self.index.holders(waiter.prompt.blocks[matched]) if matched < len(waiter.prompt.blocks) else ()
+            known = matched > 0 or bool(self.index.holders(waiter.prompt.blocks[0]))
+            outcome = "new" if not known else ("miss" if holders else "hit")
+        if outcome == "hit":
+            self._stats.affinity_hits += 1
+        elif outcome == "miss":
+            self._stats.affinity_misses += 1
+        return outcome
 
     def _release(self, lease: Lease) -> None:
+        backend = lease.backend
         self.leases.discard(lease)
-        lease.backend.in_flight -= 1
-        assert lease.backend.in_flight >= 0, "a lease was released twice"
+        backend.leases.discard(lease)
+        backend.in_flight -= lease.weight
+        assert backend.in_flight >= 0, "a lease was released twice"
+        self._learn(lease)
         self.dispatch()
+
+    def _learn(self, lease: Lease) -> None:
+        backend = lease.backend
+        timings = lease.timings
+        self.cost.learn_service(backend, time.monotonic() - lease.acquired_at)
+        if timings is None:
+            return
+        prompt_tokens = timings.cache_n + timings.prompt_n
+        self.cost.learn_prefill(backend, timings.prompt_n, timings.prompt_ms)
+        self.cost.learn_prompt(None, lease.prompt_chars, prompt_tokens)
+        backend.prompt_tokens += prompt_tokens
+        backend.cached_tokens += timings.cache_n
+        backend.expected_cached_tokens += lease.expected_cached_tokens
+        self._stats.prompt_tokens += prompt_tokens
+        self._stats.cached_tokens += timings.cache_n
+        self._stats.expected_cached_tokens += lease.expected_cached_tokens
+        if lease.first_byte_at is not None:
+            actual = lease.first_byte_at - lease.acquired_at
+            self._stats.ttft_prediction_error_s += abs(actual - lease.predicted_prefill_s)
+            self._stats.ttft_predictions += 1
+        block_tokens = self.settings.block_bytes * self.cost.tokens_per_char(None)
+        self.index.observe(
+            backend.name, int(lease.expected_cached_tokens / block_tokens), int(timings.cache_n / block_tokens)
+        )
+
+    # -- patience timer ---------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        at = self._queue.next_patience_end()
+        if at is None or at >= self._timer_at:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_later(max(0.0, at - time.monotonic()) + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self.dispatch()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

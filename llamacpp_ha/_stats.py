@@ -33,6 +33,15 @@ class Stats:
     """Responses closed because their consumer stopped reading for ``stream_idle_timeout_s``."""
     queue_wait_total_s: float = 0.0
     queue_wait_max_s: float = 0.0
+    prompt_tokens: int = 0
+    """Prompt tokens of finished responses, as the backends reported them."""
+    cached_tokens: int = 0
+    """Of those, served from a backend's prompt cache (``timings.cache_n``)."""
+    expected_cached_tokens: float = 0.0
+    """What the prefix index expected to be cached for the same responses."""
+    ttft_predictions: int = 0
+    ttft_prediction_error_s: float = 0.0
+    """Sum of |predicted - actual| time from dispatch to the first byte."""
 
     def record_wait(self, waited_s: float) -> None:
         self.queue_wait_total_s += waited_s
@@ -54,6 +63,11 @@ class Counters(BaseModel):
     expired_leases: int
     queue_wait_total_s: float
     queue_wait_max_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    expected_cached_tokens: float
+    ttft_predictions: int
+    ttft_prediction_error_s: float
 
 
 class BackendSnapshot(BaseModel):
@@ -73,6 +87,14 @@ class BackendSnapshot(BaseModel):
     models: list[str]
     requests: int
     errors: int
+    prefill_tokens_per_s: float | None
+    """Learned prefill rate; None until a response reported one."""
+    cached_share: float | None
+    """Share of prompt tokens this backend served from cache; None before any response."""
+    expected_cached_share: float | None
+    """The share the prefix index expected for the same responses."""
+    index_blocks: int
+    """Prompt blocks the prefix index believes this backend holds."""
 
 
 class BalancerSnapshot(BaseModel):
@@ -92,7 +114,8 @@ class BalancerSnapshot(BaseModel):
         return next(backend for backend in self.backends if backend.name == name)
 
 
-def snapshot_backend(backend: Backend) -> BackendSnapshot:
+def snapshot_backend(backend: Backend, index_blocks: int = 0) -> BackendSnapshot:
+    prompt = backend.prompt_tokens
     return BackendSnapshot(
         name=backend.name,
         url=backend.url,
@@ -107,6 +130,10 @@ def snapshot_backend(backend: Backend) -> BackendSnapshot:
         models=list(backend.model_ids),
         requests=backend.requests,
         errors=backend.errors,
+        prefill_tokens_per_s=backend.prefill_rate,
+        cached_share=backend.cached_tokens / prompt if prompt else None,
+        expected_cached_share=backend.expected_cached_tokens / prompt if prompt else None,
+        index_blocks=index_blocks,
     )
 
 

@@ -6,9 +6,12 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx2
 
-from ._leases import Lease
+from ._leases import Lease, Timings
 
 __all__ = ["LeasedStream"]
+
+_TAIL_BYTES = 4096
+"""llama-server's ``timings`` sit in the last event (or at the end of a JSON body)."""
 
 
 class LeasedStream(httpx2.AsyncByteStream):
@@ -17,6 +20,10 @@ class LeasedStream(httpx2.AsyncByteStream):
     Finished means: the last byte was read, the consumer closed the response, the backend
     failed, or the consumer stopped reading for longer than the idle deadline (the
     balancer's poller then calls :meth:`aclose` through ``lease.closer``).
+
+    An SSE body is forwarded event by event, never half an event, so that a backend failing
+    mid-stream can be reported with a well-formed error event. The tail of the body is kept
+    to read the backend's ``timings`` once it is finished.
     """
 
     def __init__(
@@ -32,7 +39,10 @@ class LeasedStream(httpx2.AsyncByteStream):
         self._sse = sse
         self._on_failure = on_failure
         self._closed = False
+        self._tail = b""
         lease.closer = self.aclose
+        lease.reading = False
+        lease.last_activity = lease.acquired_at if lease.first_byte_at is None else lease.last_activity
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         lease = self._lease
@@ -40,27 +50,45 @@ class LeasedStream(httpx2.AsyncByteStream):
             raise httpx2.StreamClosed()
         upstream = self._upstream.stream
         assert isinstance(upstream, httpx2.AsyncByteStream)
+        pending = b""
         try:
             lease.reading = True
             async for chunk in upstream:
                 lease.reading = False
                 lease.touch()
+                if self._sse:
+                    data = pending + chunk if pending else chunk
+                    cut = data.rfind(b"\n\n")
+                    if cut < 0:
+                        pending = data
+                        lease.reading = True
+                        continue
+                    chunk, pending = data[: cut + 2], data[cut + 2 :]
+                self._keep_tail(chunk)
                 yield chunk
                 lease.reading = True
+            if pending:
+                self._keep_tail(pending)
+                yield pending
+            lease.timings = Timings.find(self._tail)
         except httpx2.TransportError as exc:
             if self._closed:
                 raise
             self._on_failure(lease, exc)
             if not self._sse:
                 raise
-            # The caller already has a 200 and part of the stream: end it the way llama-server
-            # ends a stream that fails, so SDKs raise a clean API error.
+            # The caller already has a 200 and whole events: drop the half-received one and end
+            # the way llama-server ends a stream that fails, so SDKs raise a clean API error.
             message = f"The backend {lease.backend.name} failed during the response: {type(exc).__name__}"
             error = {"error": {"message": message, "type": "server_error", "code": "backend_failed"}}
             yield b"data: " + json.dumps(error).encode() + b"\n\n"
         finally:
             lease.reading = False
             await self.aclose()
+
+    def _keep_tail(self, chunk: bytes) -> None:
+        tail = self._tail + chunk if len(chunk) < _TAIL_BYTES else chunk
+        self._tail = tail[-_TAIL_BYTES:]
 
     async def aclose(self) -> None:
         if self._closed:

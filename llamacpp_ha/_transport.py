@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -13,7 +12,8 @@ from ._balancer import Balancer
 from ._config import BalancerConfig
 from ._errors import BalancerError, NoBackendError
 from ._leases import Lease
-from ._request import SLOT_PATHS, parse_request
+from ._request import parse_request
+from ._routes import Route, route_for
 from ._stream import LeasedStream
 
 __all__ = ["HATransport", "RouteInfo"]
@@ -51,6 +51,10 @@ class RouteInfo:
     """``hit``, ``miss`` (the conversation's backend was full) or ``new``; None without a key."""
     model: str | None
     """The model the request asked for."""
+    expected_cached_tokens: float = 0.0
+    """Prompt tokens the prefix index expected the backend to have cached."""
+    predicted_ttft_s: float = 0.0
+    """Predicted time from dispatch to the first token on this backend."""
 
 
 class HATransport(httpx2.AsyncBaseTransport):
@@ -74,9 +78,10 @@ class HATransport(httpx2.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
+        route = route_for(request.method, path)
         try:
-            if request.method == "POST" and path in SLOT_PATHS:
-                return await self._forward_leased(request, path)
+            if route is not None and route.takes_slot:
+                return await self._forward_leased(request, route)
             if request.method == "GET" and path in _MODEL_PATHS:
                 if not self.balancer.model_ids():
                     await self.balancer.start()
@@ -85,12 +90,12 @@ class HATransport(httpx2.AsyncBaseTransport):
         except BalancerError as error:
             return httpx2.Response(error.status_code, headers=error.headers(), content=error.body_bytes())
 
-    async def _forward_leased(self, request: httpx2.Request, path: str) -> httpx2.Response:
+    async def _forward_leased(self, request: httpx2.Request, route: Route) -> httpx2.Response:
         balancer = self.balancer
         config = balancer.config
         body = await request.aread()
         try:
-            facts = parse_request(path, request.headers.get, body, config.affinity_prefix_chars)
+            facts = parse_request(route, request.headers.get, body, config.prefix_block_bytes, config.prefix_max_blocks)
         except BalancerError:
             balancer.stats.bad_requests += 1
             raise
@@ -98,7 +103,7 @@ class HATransport(httpx2.AsyncBaseTransport):
         excluded: set[str] = set()
         # A retried request keeps its place in the queue and its original deadline.
         seq = balancer.queue.next_seq()
-        deadline = asyncio.get_running_loop().time() + config.queue_timeout_s
+        deadline = time.monotonic() + config.queue_timeout_s
         queued_s = 0.0
         failures: list[str] = []
         for attempt in range(1, config.max_attempts + 1):
@@ -106,8 +111,12 @@ class HATransport(httpx2.AsyncBaseTransport):
             lease = await balancer.acquire(facts, excluded=frozenset(excluded), seq=seq, deadline=deadline)
             queued_s += time.monotonic() - started
             backend = lease.backend
+            # Waiting for the backend's answer is not idleness, however long a generation takes.
+            lease.reading = True
             try:
                 response = await self._send(request, backend, body)
+                # Inside the guarded block: a failed or cancelled body read gives the slot back too.
+                loading = response.status_code == 503 and await _is_loading(response)
             except _RETRYABLE as exc:
                 lease.release()
                 self._note_failure(backend, exc)
@@ -121,12 +130,20 @@ class HATransport(httpx2.AsyncBaseTransport):
                     backend.external += 1
                 raise
             else:
-                if response.status_code == 503 and await _is_loading(response):
+                if loading:
                     lease.release()
                     backend.set_state(BackendState.LOADING, "answered 503 Loading model")
                     failures.append(f"{backend.name}: loading")
                 else:
-                    info = RouteInfo(backend.name, queued_s, attempt, lease.affinity, facts.model)
+                    info = RouteInfo(
+                        backend.name,
+                        queued_s,
+                        attempt,
+                        lease.affinity,
+                        facts.model,
+                        lease.expected_cached_tokens,
+                        lease.predicted_prefill_s,
+                    )
                     return self._leased_response(response, lease, info)
             excluded.add(backend.name)
             if attempt == config.max_attempts or not balancer.could_serve(facts.model, excluded):
@@ -213,7 +230,10 @@ class HATransport(httpx2.AsyncBaseTransport):
 async def _is_loading(response: httpx2.Response) -> bool:
     """True for llama-server's 503 ``Loading model``. Reads the (small) body either way."""
     try:
-        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        if response.is_stream_consumed:  # a response built from bytes (a mock transport)
+            raw = response.content
+        else:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
     finally:
         await response.aclose()
     # The body was consumed: give the response a fresh stream of the same bytes.

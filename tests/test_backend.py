@@ -14,7 +14,8 @@ def healthy(reported_slots: int = 4, **config: object) -> Backend:
 def test_free_slots_count_ours_and_others() -> None:
     backend = healthy(4)
     backend.in_flight = 1
-    backend.reconcile(observed_busy=3, in_flight_when_asked=1)
+    backend.begin_poll()
+    backend.reconcile(observed_busy=3)
     assert backend.external == 2
     assert backend.free_slots == 1
 
@@ -22,22 +23,36 @@ def test_free_slots_count_ours_and_others() -> None:
 def test_reconcile_never_goes_negative_when_our_request_is_not_busy_yet() -> None:
     backend = healthy(4)
     backend.in_flight = 2  # sent, but the backend has not started them when polled
-    backend.reconcile(observed_busy=0, in_flight_when_asked=2)
+    backend.begin_poll()
+    backend.reconcile(observed_busy=0)
     assert backend.external == 0
     assert backend.free_slots == 2
 
 
 def test_reconcile_does_not_count_a_lease_released_during_the_poll_twice() -> None:
     backend = healthy(2)
+    backend.in_flight = 1
+    backend.begin_poll()
     backend.in_flight = 0  # released while the poll was on the wire; the backend still showed it busy
-    backend.reconcile(observed_busy=1, in_flight_when_asked=1)
+    backend.reconcile(observed_busy=1)
+    assert backend.external == 0
+
+
+def test_reconcile_does_not_count_a_lease_that_came_and_went_during_the_poll() -> None:
+    # Granted and released while /slots was on the wire: neither count at sending nor now sees it.
+    backend = healthy(2)
+    backend.begin_poll()
+    backend.in_flight = 1
+    backend.in_flight = 0
+    backend.reconcile(observed_busy=1)
     assert backend.external == 0
 
 
 def test_a_slot_still_busy_after_we_let_go_counts_as_busy() -> None:
     # llama-server may keep running a request whose client left (non-stream cancellation).
     backend = healthy(2)
-    backend.reconcile(observed_busy=1, in_flight_when_asked=0)
+    backend.begin_poll()
+    backend.reconcile(observed_busy=1)
     assert backend.free_slots == 1
 
 

@@ -35,7 +35,7 @@ def count_requests(http: HAAsyncClient) -> list[httpx2.Request]:
 def error_of(exc: openai.APIStatusError) -> dict[str, object]:
     body = exc.body
     assert isinstance(body, dict)
-    assert set(body) == {"message", "type", "code"}
+    assert {"message", "type", "code"} <= set(body) <= {"message", "type", "code", "param"}
     assert exc.response.headers["x-should-retry"] == "false"
     return body
 

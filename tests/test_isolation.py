@@ -24,8 +24,8 @@ async def test_two_balancers_share_nothing(sims: Sims, clients: Clients) -> None
     http_a, client_a = clients(fleet_config(sim))
     http_b, client_b = clients(fleet_config(sim, policy="least_busy"))
     for _ in range(3):
-        await client_a.chat.completions.create(model="tiny-random-llama", messages=chat("a"), max_tokens=2)
-    await client_b.chat.completions.create(model="tiny-random-llama", messages=chat("b"), max_tokens=2)
+        await client_a.chat.completions.create(model="tiny-random-llama", messages=chat("a"), max_tokens=2, user="a")
+    await client_b.chat.completions.create(model="tiny-random-llama", messages=chat("b"), max_tokens=2, user="b")
 
     a, b = http_a.balancer, http_b.balancer
     assert a is not b
@@ -33,6 +33,8 @@ async def test_two_balancers_share_nothing(sims: Sims, clients: Clients) -> None
     assert (a.snapshot().affinity_entries, b.snapshot().affinity_entries) == (1, 1)
     for attribute in ("backends", "stats", "queue", "affinity", "scheduler"):
         assert getattr(a, attribute) is not getattr(b, attribute), attribute
+    assert a.scheduler.index is not b.scheduler.index
+    assert a.scheduler.cost is not b.scheduler.cost
 
     await http_a.aclose()
     assert a.closed

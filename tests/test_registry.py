@@ -83,7 +83,7 @@ async def test_a_waiting_request_gets_503_when_the_balancer_closes() -> None:
 
     fleet = MockFleet.of("gpu1", slots=1)
     balancer = Balancer(fleet.config(), poll_transport=fleet.transport())
-    facts = RequestFacts(model=None, stream=False, affinity_key=None)
+    facts = RequestFacts(model=None, stream=False)
     lease = await balancer.acquire(facts)
     waiting = asyncio.create_task(balancer.acquire(facts))
     await asyncio.sleep(0.01)

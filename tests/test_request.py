@@ -6,15 +6,12 @@ import pytest
 
 from llamacpp_ha import BadRequestError
 from llamacpp_ha._request import RequestFacts, parse_request
+from llamacpp_ha._routes import ROUTES
 
 
-def no_headers(name: str) -> str | None:
-    return None
-
-
-def parse(path: str, body: object, headers: dict[str, str] | None = None) -> RequestFacts:
+def parse(path: str, body: object, headers: dict[str, str] | None = None, block_bytes: int = 64) -> RequestFacts:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return parse_request(path, (headers or {}).get, raw, prefix_chars=4096)
+    return parse_request(ROUTES[path], (headers or {}).get, raw, block_bytes, 1024)
 
 
 def chat_body(text: str, system: str = "sys", **extra: object) -> dict[str, object]:
@@ -39,13 +36,23 @@ def test_reads_model_and_stream() -> None:
         ("/v1/chat/completions", [1, 2], "must be a JSON object"),
         ("/v1/chat/completions", {"model": "m"}, "'messages' is required"),
         ("/v1/chat/completions", {"messages": "hi"}, "non-empty array"),
+        ("/v1/chat/completions", {"messages": [1]}, r"'messages\[0\]' must be an object"),
+        ("/v1/chat/completions", {"messages": [{"content": "x"}]}, r"role' must be a string"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "string or an array"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": -5}, "'max_tokens' must be"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}], "n": 0}, "'n' must be"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}], "stream": "yes"}, "'stream' must be"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}], "temperature": "hot"}, "'temperature' must be"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}], "model": "\ud800"}, "not valid Unicode"),
         ("/v1/completions", {"model": "m"}, "'prompt' is required"),
         ("/completion", {"n_predict": 4}, "'prompt' is required"),
+        ("/completion", {"prompt": "x", "n_predict": -2}, "'n_predict' must be"),
         (
             "/v1/chat/completions",
             {"model": 3, "messages": [{"role": "user", "content": "x"}]},
             "'model' must be",
         ),
+        ("/v1/chat/completions", b"[" * 3000 + b"]" * 3000, "nested too deeply|must be a JSON object"),
     ],
 )
 def test_bad_bodies_are_refused(path: str, body: object, message: str) -> None:
@@ -53,39 +60,18 @@ def test_bad_bodies_are_refused(path: str, body: object, message: str) -> None:
         parse(path, body)
 
 
-def test_turns_of_one_conversation_share_a_key() -> None:
-    first = parse("/v1/chat/completions", chat_body("plan a trip"))
-    body = chat_body("plan a trip")
-    assert isinstance(body["messages"], list)
-    body["messages"] += [{"role": "assistant", "content": "where?"}, {"role": "user", "content": "Rome"}]
-    second = parse("/v1/chat/completions", body)
-    assert first.affinity_key == second.affinity_key
-    assert (first.affinity_key or "").startswith("prefix:")
+def test_n_predict_minus_one_means_unlimited_and_is_accepted() -> None:
+    assert parse("/completion", {"prompt": "x", "n_predict": -1}).stream is False
 
 
-def test_conversations_with_a_shared_system_prompt_get_different_keys() -> None:
-    one = parse("/v1/chat/completions", chat_body("plan a trip", system="shared"))
-    other = parse("/v1/chat/completions", chat_body("write a poem", system="shared"))
-    assert one.affinity_key != other.affinity_key
+def test_infill_needs_no_prompt() -> None:
+    # llama-server's /infill takes input_prefix/input_suffix alone.
+    facts = parse("/infill", {"input_prefix": "def f(", "input_suffix": "):\n"})
+    assert facts.prompt.weight == 1
 
 
-def test_the_model_is_part_of_the_key() -> None:
-    one = parse("/v1/chat/completions", chat_body("hi"))
-    other = parse("/v1/chat/completions", {**chat_body("hi"), "model": "other"})
-    assert one.affinity_key != other.affinity_key
-
-
-def test_session_header_then_user_field_take_precedence() -> None:
+def test_session_header_then_user_field_pin_the_conversation() -> None:
     body = chat_body("hi", user="alice")
-    assert parse("/v1/chat/completions", body, {"x-session-id": "s1"}).affinity_key == "session:s1"
-    assert parse("/v1/chat/completions", body).affinity_key == "user:alice"
-
-
-def test_prompt_key_uses_only_the_leading_characters() -> None:
-    long_a = parse_request(
-        "/v1/completions", no_headers, json.dumps({"prompt": "x" * 50 + "a"}).encode(), prefix_chars=50
-    )
-    long_b = parse_request(
-        "/v1/completions", no_headers, json.dumps({"prompt": "x" * 50 + "b"}).encode(), prefix_chars=50
-    )
-    assert long_a.affinity_key == long_b.affinity_key
+    assert parse("/v1/chat/completions", body, {"x-session-id": "s1"}).pin == "session:s1"
+    assert parse("/v1/chat/completions", body).pin == "user:alice"
+    assert parse("/v1/chat/completions", chat_body("hi")).pin is None

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.anyio
 Sims = Callable[..., SimServer]
 Clients = Callable[..., tuple[HAAsyncClient, AsyncOpenAI]]
 MODEL = "tiny-random-llama"
+# Longer than a few prompt blocks, so the prefix index has something to match.
+SYSTEM = "You are a patient guide to South American camelids. " * 40
 
 
 async def stream_text(client: AsyncOpenAI, content: str, max_tokens: int = 20, **extra: Any) -> str:
@@ -66,9 +68,9 @@ async def test_never_more_requests_on_a_backend_than_it_has_slots(sims: Sims, cl
 
 
 async def test_a_conversation_returns_to_the_backend_that_holds_its_prefix(sims: Sims, clients: Clients) -> None:
-    a, b = sims(slots=2), sims(slots=2)
+    a, b = sims(slots=2, n_ctx=4096), sims(slots=2, n_ctx=4096)
     _, client = clients(fleet_config(a, b))
-    turns = chat("Tell me about llamas.")
+    turns = chat("Tell me about llamas.", system=SYSTEM)
     first = await client.chat.completions.with_raw_response.create(model=MODEL, messages=turns, max_tokens=8)
     home = first.headers["x-llamacpp-ha-backend"]
     reply = first.parse().choices[0].message.content or ""
@@ -88,14 +90,15 @@ async def test_a_conversation_returns_to_the_backend_that_holds_its_prefix(sims:
 
 
 async def test_a_full_preferred_backend_yields_to_a_free_one(sims: Sims, clients: Clients) -> None:
-    a, b = sims(slots=1, decode_tokens_per_s=100), sims(slots=1, decode_tokens_per_s=100)
+    a, b = sims(slots=1, decode_tokens_per_s=100, n_ctx=4096), sims(slots=1, decode_tokens_per_s=100, n_ctx=4096)
     http, client = clients(fleet_config(a, b))
-    turns = chat("Tell me about llamas.")
+    turns = chat("Tell me about llamas.", system=SYSTEM)
     first = await client.chat.completions.with_raw_response.create(model=MODEL, messages=turns, max_tokens=2)
     home = first.headers["x-llamacpp-ha-backend"]
     home_sim, other = (a, "b1") if home == "b0" else (b, "b0")
 
-    # A long stream with the same opening (so the same affinity key) occupies the home backend.
+    # A long stream with the same prompt occupies the home backend; the next turn, whose prefix
+    # lives there, would wait longer for it than it takes to prefill elsewhere.
     blocker = await client.chat.completions.create(model=MODEL, messages=turns, max_tokens=200, stream=True)
     await eventually(lambda: http.balancer.backend(home).in_flight == 1)
     turns = [*turns, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]

@@ -78,12 +78,18 @@ async def test_backend_api_key_and_path_prefix() -> None:
 
 async def test_routing_facts_in_header_and_extensions(client_for: Client) -> None:
     client = client_for(MockFleet.of("gpu1"))
-    response = await client.post("/v1/chat/completions", json=CHAT)
-    assert response.headers["x-llamacpp-ha-backend"] == "gpu1"
-    info = response.extensions["llamacpp_ha"]
-    assert isinstance(info, RouteInfo)
-    assert (info.backend, info.attempts, info.affinity) == ("gpu1", 1, "new")
-    assert info.queued_s >= 0
+    long_chat = {**CHAT, "messages": [{"role": "user", "content": "tell me more " * 100}]}
+    for expected in ("new", "hit"):
+        response = await client.post("/v1/chat/completions", json=long_chat)
+        assert response.headers["x-llamacpp-ha-backend"] == "gpu1"
+        info = response.extensions["llamacpp_ha"]
+        assert isinstance(info, RouteInfo)
+        assert (info.backend, info.attempts, info.affinity) == ("gpu1", 1, expected)
+        assert info.queued_s >= 0
+    assert info.expected_cached_tokens > 0
+    # A prompt shorter than one block has nothing to cache: no affinity outcome.
+    short = await client.post("/v1/chat/completions", json=CHAT)
+    assert short.extensions["llamacpp_ha"].affinity is None
 
 
 async def test_a_stale_pooled_connection_is_retried_on_the_same_backend(client_for: Client) -> None:
@@ -151,7 +157,7 @@ async def test_failover_exhausted_is_503_that_the_sdk_must_not_retry(client_for:
     assert error["code"] == "no_backend_available"
     assert "gpu1" in error["message"]
     assert "gpu2" in error["message"]
-    assert set(error) == {"message", "type", "code"}
+    assert {"message", "type", "code"} <= set(error) <= {"message", "type", "code", "param"}
     assert balancer_of(client).balancer.snapshot().in_flight == 0
 
 

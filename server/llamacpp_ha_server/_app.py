@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llamacpp_ha import Balancer, HATransport
+from llamacpp_ha._routes import ROUTES
 
 from ._auth import ApiKeyMiddleware
 from ._config import ServerConfig
@@ -31,14 +32,8 @@ __all__ = ["PROXIED_PATHS", "ServerContext", "create_app"]
 
 logger = logging.getLogger("llamacpp_ha.server")
 
-PROXIED_PATHS = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/completion",
-    "/tokenize",
-    "/detokenize",
-)
+PROXIED_PATHS = tuple(ROUTES)
+"""The POST paths proxied through the engine: its one route table."""
 
 
 @dataclass(frozen=True)

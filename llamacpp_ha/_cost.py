@@ -1,0 +1,71 @@
+"""What a request costs on a backend: learned rates and the predicted time to its first token.
+
+Rates are moving averages of what responses report: a backend's prefill rate from
+``timings.prompt_n / prompt_ms``, a model's tokens per character of canonical prompt from
+``cache_n + prompt_n``, and how long a backend's slots stay taken. Until a backend has reported
+anything it is assumed as fast as the fleet's average, so a new backend is neither avoided
+nor flooded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._backend import Backend
+
+__all__ = ["CostModel"]
+
+_ALPHA = 0.2
+_MIN_PROMPT_N = 32
+"""Prefills shorter than this measure overhead, not rate."""
+DEFAULT_PREFILL_TOKENS_PER_S = 2000.0
+DEFAULT_TOKENS_PER_CHAR = 0.25
+DEFAULT_SERVICE_S = 5.0
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else old + _ALPHA * (new - old)
+
+
+class CostModel:
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        self._backends = backends
+        self._tokens_per_char: dict[str | None, float] = {}
+
+    def tokens_per_char(self, model: str | None) -> float:
+        ratio = self._tokens_per_char.get(model)
+        if ratio is None:
+            ratio = self._tokens_per_char.get(None, DEFAULT_TOKENS_PER_CHAR)
+        return ratio
+
+    def prefill_rate(self, backend: Backend) -> float:
+        if backend.prefill_rate is not None:
+            return backend.prefill_rate
+        known = [b.prefill_rate for b in self._backends if b.prefill_rate is not None]
+        return sum(known) / len(known) if known else DEFAULT_PREFILL_TOKENS_PER_S
+
+    def service_s(self, backend: Backend) -> float:
+        return backend.service_s if backend.service_s is not None else DEFAULT_SERVICE_S
+
+    def slot_wait_s(self, backend: Backend, ahead: int) -> float:
+        """Expected wait for a slot on a full backend, with ``ahead`` requests already waiting for it."""
+        return (ahead + 1) * self.service_s(backend) / max(1, backend.capacity)
+
+    def prefill_s(self, backend: Backend, uncached_tokens: float, now: float) -> float:
+        """Time to process ``uncached_tokens`` behind the prefills already running there."""
+        return (backend.pending_prefill(now) + uncached_tokens) / self.prefill_rate(backend)
+
+    def learn_prompt(self, model: str | None, chars: int, tokens: int) -> None:
+        if chars >= 64 and tokens > 0:
+            ratio = tokens / chars
+            self._tokens_per_char[model] = _ema(self._tokens_per_char.get(model), ratio)
+            self._tokens_per_char[None] = _ema(self._tokens_per_char.get(None), ratio)
+
+    @staticmethod
+    def learn_prefill(backend: Backend, prompt_n: int, prompt_ms: float) -> None:
+        if prompt_n >= _MIN_PROMPT_N and prompt_ms > 0:
+            backend.prefill_rate = _ema(backend.prefill_rate, prompt_n / (prompt_ms / 1000))
+
+    @staticmethod
+    def learn_service(backend: Backend, held_s: float) -> None:
+        backend.service_s = _ema(backend.service_s, held_s)
