@@ -226,6 +226,13 @@ def check_targets(cells: list[Cell]) -> list[str]:
     return [f"{'met ' if met else 'MISSED'} {text}" for text, met in lines]
 
 
+def write_results(path: Path, args: argparse.Namespace, targets: list[str], cells: list[dict[str, Any]]) -> None:
+    """The run's settings, the targets' lines and every cell, as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path.write_text(json.dumps({"settings": settings, "targets": targets, "cells": cells}, indent=2) + "\n")
+
+
 def draw(cells: list[Cell], path: Path) -> None:
     import matplotlib
 

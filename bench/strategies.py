@@ -30,6 +30,10 @@ class Strategy:
     async def close(self) -> None:
         raise NotImplementedError
 
+    def report(self) -> dict[str, Any]:
+        """What the strategy itself saw (llamacpp-ha's counters), for the benchmark's notes."""
+        return {}
+
 
 class _Immediate(Strategy):
     """A plain reverse proxy: pick a backend and send at once (llama-server queues internally)."""
@@ -107,6 +111,19 @@ class Balanced(Strategy):
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+    def report(self) -> dict[str, Any]:
+        if self._client is None:
+            return {}
+        counters = self._client.balancer.snapshot().counters
+        prompt = counters.prompt_tokens or 1
+        return {
+            "affinity_hits": counters.affinity_hits,
+            "affinity_misses": counters.affinity_misses,
+            "cached_share": counters.cached_tokens / prompt,
+            "expected_cached_share": counters.expected_cached_tokens / prompt,
+            "ttft_prediction_error_s": counters.ttft_prediction_error_s / max(1, counters.ttft_predictions),
+        }
 
 
 STRATEGIES = {

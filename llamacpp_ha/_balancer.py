@@ -51,6 +51,7 @@ class Balancer:
             cost_aware=config.policy == "affinity",
             block_bytes=config.prefix_block_bytes,
             patience_max_s=config.patience_max_s,
+            prefill_backlog_s=config.prefill_backlog_s,
             ram_cache_tokens=config.ram_cache_tokens,
         )
         policy = make_policy(config.policy)
@@ -216,6 +217,8 @@ class Balancer:
         )
         self.queue.push(waiter)
         self.scheduler.dispatch()
+        if not future.done():
+            self.scheduler.queued(waiter)
         if not future.done() and not excluded and len(self.queue) > self.config.max_queue:
             # Only requests that must wait count against the bound (a retry keeps its place).
             self._give_up(waiter)

@@ -31,6 +31,8 @@ class CostModel:
     def __init__(self, backends: Sequence[Backend]) -> None:
         self._backends = backends
         self._tokens_per_char: dict[str | None, float] = {}
+        self.mean_prompt_tokens: float | None = None
+        """Moving average of prompt lengths: a slot holds one prompt, whatever its context size."""
 
     def tokens_per_char(self, model: str | None) -> float:
         ratio = self._tokens_per_char.get(model)
@@ -56,6 +58,8 @@ class CostModel:
         return (backend.pending_prefill(now) + uncached_tokens) / self.prefill_rate(backend)
 
     def learn_prompt(self, model: str | None, chars: int, tokens: int) -> None:
+        if tokens > 0:
+            self.mean_prompt_tokens = _ema(self.mean_prompt_tokens, float(tokens))
         if chars >= 64 and tokens > 0:
             ratio = tokens / chars
             self._tokens_per_char[model] = _ema(self._tokens_per_char.get(model), ratio)

@@ -49,10 +49,12 @@ class Lease:
         "acquired_at",
         "affinity",
         "backend",
+        "blocks",
         "closer",
         "expected_cached_tokens",
         "first_byte_at",
         "last_activity",
+        "on_first_byte",
         "predicted_prefill_s",
         "prompt_chars",
         "prompt_tokens",
@@ -78,6 +80,8 @@ class Lease:
         """``hit``, ``miss`` or ``new``: whether the backend was the one holding most of the prompt."""
         self.closer: Callable[[], Awaitable[None]] | None = None
         """Closes the response this lease serves; called when the consumer abandons it."""
+        self.blocks: tuple[bytes, ...] = ()
+        """The prompt's block hashes: its slot holds them once the response is finished."""
         self.prompt_chars = 0
         self.prompt_tokens = 0.0
         """Estimated prompt tokens."""
@@ -87,22 +91,29 @@ class Lease:
         """Predicted time from dispatch to the first token."""
         self.timings: Timings | None = None
         """What the backend reported, once the response finished."""
+        self.on_first_byte: Callable[[], None] | None = None
+        """Called once when the first body bytes arrive: the prompt is processed."""
 
     def touch(self) -> None:
         now = time.monotonic()
+        self.last_activity = now
         if self.first_byte_at is None:
             self.first_byte_at = now
-        self.last_activity = now
+            if self.on_first_byte is not None:
+                self.on_first_byte()
 
     def idle_for(self, now: float) -> float:
         return 0.0 if self.reading else now - self.last_activity
 
+    @property
+    def prefill_deadline(self) -> float:
+        """When its prompt is surely processed: a non-streamed answer shows no first byte before the
+        end, and a backend may hang, so the prediction counts, with slack."""
+        return self.acquired_at + 2 * self.predicted_prefill_s + 0.05
+
     def prefilling(self, now: float) -> bool:
         """Whether this request's prompt is still being processed, as far as we can tell."""
-        if self.first_byte_at is not None:
-            return False
-        # A non-streamed answer has no first byte before the end: trust the prediction, with slack.
-        return now - self.acquired_at < 2 * self.predicted_prefill_s + 0.05
+        return self.first_byte_at is None and now < self.prefill_deadline
 
     def release(self) -> None:
         if self.released:

@@ -32,6 +32,7 @@ class Waiter:
         "future",
         "model",
         "parked_on",
+        "patience_spent",
         "pin",
         "prompt",
         "saving_s",
@@ -64,6 +65,8 @@ class Waiter:
         self.parked_on: str | None = None
         self.saving_s = 0.0
         """Predicted prefill time saved by waiting for ``parked_on``."""
+        self.patience_spent = False
+        """It waited for a busy backend once already: from now on it is served in arrival order."""
 
     @property
     def waiting(self) -> bool:
@@ -87,12 +90,15 @@ class WaitQueue:
     """
 
     def __init__(self) -> None:
-        self._fifo: dict[str | None, list[tuple[int, Waiter]]] = {}
+        self._fifo: dict[str | None, list[tuple[int, int, Waiter]]] = {}
         self._retries: list[Waiter] = []
         self._parked: dict[str, list[tuple[float, int, Waiter]]] = {}
         self._parked_count: dict[str, int] = {}
         self._patience: list[tuple[float, int, Waiter]] = []
+        self._behind: dict[int, list[Waiter]] = {}
+        """Parked waiters that wait for one running request to finish (its slot holds their prefix)."""
         self._seq = itertools.count()
+        self._pushes = itertools.count()
         self._waiting = 0
         self._dead = 0
 
@@ -105,7 +111,7 @@ class WaitQueue:
     def entries(self) -> int:
         """Entries held, live and dead (memory, for tests)."""
         heaps = sum(len(q) for q in self._fifo.values()) + sum(len(q) for q in self._parked.values())
-        return heaps + len(self._retries) + len(self._patience)
+        return heaps + len(self._retries) + len(self._patience) + sum(len(q) for q in self._behind.values())
 
     def push(self, waiter: Waiter) -> None:
         waiter.state = WaiterState.QUEUED
@@ -117,17 +123,18 @@ class WaitQueue:
             self._retries.append(waiter)
             self._retries.sort(key=lambda w: w.seq)
         else:
-            heapq.heappush(self._fifo.setdefault(waiter.model, []), (waiter.seq, waiter))
+            queue = self._fifo.setdefault(waiter.model, [])
+            heapq.heappush(queue, (waiter.seq, next(self._pushes), waiter))
 
     def heads(self) -> list[Waiter]:
         """The first live queued waiter of each model, and every live retry, oldest first."""
         heads: list[Waiter] = []
         for model in list(self._fifo):
             queue = self._fifo[model]
-            while queue and queue[0][1].state is not WaiterState.QUEUED:
+            while queue and queue[0][2].state is not WaiterState.QUEUED:
                 heapq.heappop(queue)
             if queue:
-                heads.append(queue[0][1])
+                heads.append(queue[0][2])
             else:
                 del self._fifo[model]
         if self._retries:
@@ -144,20 +151,31 @@ class WaitQueue:
         if waiter.excluded and waiter in self._retries:
             self._retries.remove(waiter)
 
-    def park(self, waiter: Waiter, backend: str, saving_s: float, until: float) -> None:
-        """A head waits for ``backend`` until ``until`` at the latest."""
+    def park(self, waiter: Waiter, backend: str, saving_s: float, until: float, *, behind: int | None = None) -> None:
+        """A head waits for ``backend`` until ``until`` at the latest.
+
+        With ``behind`` (a running request's id) it waits for that request to finish first: its
+        slot holds the prefix, and only then does a slot of that backend serve it.
+        """
+        # Its arrival-order entry stays behind and is skipped while it is parked (and dropped if a
+        # newer entry is pushed when its patience ends).
         if waiter.excluded:
             self._retries.remove(waiter)
-        else:
-            queue = self._fifo[waiter.model]
-            assert queue[0][1] is waiter, "only a head is parked"
-            heapq.heappop(queue)
         waiter.state = WaiterState.PARKED
         waiter.parked_on = backend
         waiter.saving_s = saving_s
-        heapq.heappush(self._parked.setdefault(backend, []), (-saving_s, waiter.seq, waiter))
+        if behind is None:
+            heapq.heappush(self._parked.setdefault(backend, []), (-saving_s, waiter.seq, waiter))
+        else:
+            self._behind.setdefault(behind, []).append(waiter)
         self._parked_count[backend] = self._parked_count.get(backend, 0) + 1
         heapq.heappush(self._patience, (until, waiter.seq, waiter))
+
+    def finished(self, request: int) -> None:
+        """A running request finished: the waiters behind it now wait for a slot of its backend."""
+        for waiter in self._behind.pop(request, ()):
+            if waiter.state is WaiterState.PARKED and waiter.parked_on is not None:
+                heapq.heappush(self._parked.setdefault(waiter.parked_on, []), (-waiter.saving_s, waiter.seq, waiter))
 
     def parked_count(self, backend: str) -> int:
         return self._parked_count.get(backend, 0)
@@ -186,6 +204,7 @@ class WaitQueue:
         assert waiter.parked_on is not None
         self._parked_count[waiter.parked_on] -= 1
         waiter.parked_on = None
+        waiter.patience_spent = True
         waiter.state = WaiterState.QUEUED
         self._enqueue(waiter)
 
@@ -216,7 +235,7 @@ class WaitQueue:
 
     def _compact(self) -> None:
         for model, queue in list(self._fifo.items()):
-            live = [entry for entry in queue if entry[1].state is WaiterState.QUEUED]
+            live = [entry for entry in queue if entry[2].state is WaiterState.QUEUED]
             heapq.heapify(live)
             if live:
                 self._fifo[model] = live
@@ -229,21 +248,29 @@ class WaitQueue:
         self._patience = [e for e in self._patience if e[2].state is WaiterState.PARKED]
         heapq.heapify(self._patience)
         self._retries = [w for w in self._retries if w.state is WaiterState.QUEUED]
+        behind: dict[int, list[Waiter]] = {}
+        for key, waiters in self._behind.items():
+            still = [waiter for waiter in waiters if waiter.state is WaiterState.PARKED]
+            if still:
+                behind[key] = still
+        self._behind = behind
         self._dead = 0
 
     def drain(self) -> list[Waiter]:
         """Take every live waiter out of the queue (the balancer is closing)."""
-        waiters = {id(e[1]): e[1] for q in self._fifo.values() for e in q}
+        waiters = {id(e[2]): e[2] for q in self._fifo.values() for e in q}
         waiters |= {id(e[2]): e[2] for q in self._parked.values() for e in q}
         waiters |= {id(w): w for w in self._retries}
+        waiters |= {id(w): w for q in self._behind.values() for w in q}
+        live = [waiter for waiter in waiters.values() if waiter.waiting]
+        for waiter in live:
+            self._leave(waiter)
         self._fifo.clear()
         self._parked.clear()
         self._parked_count.clear()
         self._patience.clear()
         self._retries.clear()
-        live = [waiter for waiter in waiters.values() if waiter.waiting]
-        for waiter in live:
-            self._leave(waiter)
+        self._behind.clear()
         self._waiting = 0
         self._dead = 0
         return sorted(live, key=lambda waiter: waiter.seq)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from ._cost import CostModel
 from ._leases import Lease
 from ._policies import Policy
 from ._prefix import PrefixIndex
-from ._queue import Waiter, WaitQueue
+from ._queue import Waiter, WaiterState, WaitQueue
 from ._stats import Stats
 
 __all__ = ["Scheduler", "SchedulerSettings"]
@@ -20,15 +22,34 @@ _MIN_SAVING_S = 0.02
 """Waiting for a busy backend must promise at least this much, or it is not worth the bookkeeping."""
 
 
+_OWN_WORK_AGAIN = 1.0
+"""How many times more a request's own uncached prefill counts, for the requests it delays."""
+_WAIT_ALPHA = 0.05
+_HOME_MARGIN = 0.25
+"""How much more a prompt's home backend may cost than the best before it goes elsewhere."""
 _TIE_S = 0.005
 _TIE_SHARE = 0.05
 """Predictions this close (5 ms, or 5%) are equal: then the least busy backend wins."""
+
+
+def _shared_blocks(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
+    """Leading blocks two prompts share (chained hashes: block k equal means all before are)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[middle - 1] == b[middle - 1]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
     cost_aware: bool = True
     """Route by predicted time to first token and let slots pick their waiters (the ``affinity`` policy)."""
+    prefill_backlog_s: float | None = None
+    """A backend takes new requests only while its queued prefill is shorter than this (None: off)."""
     block_bytes: int = 512
     patience_max_s: float = 3.0
     ram_cache_tokens: int = 0
@@ -40,6 +61,11 @@ class _Option:
     matched_blocks: int
     uncached_tokens: float
     prefill_s: float
+    """Predicted time to first token, once a slot is free."""
+    score: float
+    """What the decision minimizes: the predicted time plus the time this prefill costs the
+    requests that will queue behind it there (a cache miss is paid twice: by the request and by
+    the backend's throughput)."""
 
 
 class Scheduler:
@@ -79,10 +105,16 @@ class Scheduler:
         self.index = PrefixIndex()
         self.cost = CostModel(backends)
         self.leases: set[Lease] = set()
+        self._running: dict[bytes, set[Lease]] = {}
+        """Running requests by their prompt's first block: their slots will hold their prompts."""
         self._generations = {backend.name: backend.generation for backend in backends}
         self._turn = 0
+        self._typical_wait_s = 0.0
+        """Moving average of how long granted requests waited."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._wakes: list[float] = []
+        """When running prompts are surely processed (their backends may take requests again)."""
 
     # -- events -----------------------------------------------------------------------------
 
@@ -98,9 +130,12 @@ class Scheduler:
         self.dispatch()
 
     def _ceiling_blocks(self, backend: Backend) -> int:
+        """What a backend can hold: one prompt per slot (at most its context), plus its RAM cache."""
         tokens_per_block = self.settings.block_bytes * self.cost.tokens_per_char(None)
-        n_ctx = backend.n_ctx or 4096
-        return int((backend.capacity * n_ctx + self.settings.ram_cache_tokens) / tokens_per_block)
+        per_slot = float(backend.n_ctx or 4096)
+        if self.cost.mean_prompt_tokens is not None:
+            per_slot = min(per_slot, 1.5 * self.cost.mean_prompt_tokens)
+        return int((backend.capacity * per_slot + self.settings.ram_cache_tokens) / tokens_per_block)
 
     def dispatch(self) -> None:
         queue = self._queue
@@ -110,7 +145,7 @@ class Scheduler:
         queue.end_patience(now)
         # Built once per call and kept up to date as slots are granted: a dispatch after one
         # released slot costs one pass over the backends, not one per loop turn.
-        free = [backend for backend in self._backends if backend.free > 0]
+        free = [backend for backend in self._backends if backend.free > 0 and self._accepting(backend, now)]
         if free and self.settings.cost_aware:
             # Waiters past their patience first, then the parked ones, then arrival order.
             self._serve_in_order(free, now, overdue_only=True)
@@ -129,7 +164,9 @@ class Scheduler:
                     break
                 self._queue.take(waiter)
                 self._grant(waiter, backend, now)
-            if backend.free == 0:
+                if not self._accepting(backend, now):
+                    break
+            if backend.free == 0 or not self._accepting(backend, now):
                 free.remove(backend)
 
     def _serve_in_order(self, free: list[Backend], now: float, *, overdue_only: bool = False) -> None:
@@ -137,8 +174,7 @@ class Scheduler:
         queue = self._queue
         while free and len(queue):
             for waiter in queue.heads():
-                overdue = now - waiter.enqueued_at >= self.settings.patience_max_s
-                if overdue_only and not overdue:
+                if overdue_only and not self._overdue(waiter, now):
                     return
                 candidates = [b for b in free if self._eligible(waiter, b)]
                 if not candidates:
@@ -151,11 +187,30 @@ class Scheduler:
                     backend = self._policy.choose(candidates, None)
                 queue.take(waiter)
                 self._grant(waiter, backend, now)
-                if backend.free == 0:
+                if backend.free == 0 or not self._accepting(backend, now):
                     free.remove(backend)
                 break
             else:
                 return
+
+    def _accepting(self, backend: Backend, now: float) -> bool:
+        """A free slot is not idle compute: a backend busy prefilling takes no new request until its
+        backlog is short, so requests wait here, where a freed backend can pick what it has cached,
+        instead of sharing its compute with a dozen cold prompts inside llama-server."""
+        if self.settings.prefill_backlog_s is None or not self.settings.cost_aware or not backend.leases:
+            return True
+        backlog_s = backend.pending_prefill(now) / self.cost.prefill_rate(backend)
+        return backlog_s < self.settings.prefill_backlog_s
+
+    def _overdue(self, waiter: Waiter, now: float) -> bool:
+        """Waited ``patience_max_s`` longer than requests typically wait now: it goes first.
+
+        Parked requests take the slots of the backends that hold their prefixes before requests in
+        arrival order do; this bounds what that costs any one request. Under saturation everyone
+        waits long, and the bound is counted beyond that wait, or arrival order would take over
+        and every slot would go to whoever is oldest, wherever its prefix is cached.
+        """
+        return now - waiter.enqueued_at >= self._typical_wait_s + self.settings.patience_max_s
 
     @staticmethod
     def _fits(waiter: Waiter, backend: Backend) -> bool:
@@ -164,26 +219,58 @@ class Scheduler:
     def _eligible(self, waiter: Waiter, backend: Backend) -> bool:
         return self._fits(waiter, backend) and backend.serves(waiter.model) and backend.name not in waiter.excluded
 
+    def queued(self, waiter: Waiter) -> None:
+        """A new request found no free slot: if a full backend holds its prefix, it waits for that
+        backend rather than for whichever slot frees first (then a freed slot there picks it)."""
+        if not self.settings.cost_aware or waiter.state is not WaiterState.QUEUED or not waiter.prompt.blocks:
+            return
+        if waiter.excluded or waiter.pin is not None:
+            return
+        now = time.monotonic()
+        cold = self._options(waiter, [b for b in self._backends if b.routable], now, matched=0)
+        if not cold:
+            return
+        baseline = min(cold, key=lambda o: o.score)
+        plan = self._best_wait(waiter, baseline, now)
+        if plan is None:
+            return
+        held, behind, saving_s = plan
+        until = min(now + self.settings.patience_max_s, waiter.deadline)
+        self._queue.park(waiter, held.backend.name, saving_s, until, behind=behind)
+        self._arm_timer()
+
     # -- the cost decision ------------------------------------------------------------------
 
-    def _options(self, waiter: Waiter, backends: Sequence[Backend], now: float) -> list[_Option]:
+    def _options(
+        self, waiter: Waiter, backends: Sequence[Backend], now: float, *, matched: int | None = None
+    ) -> list[_Option]:
+        """What the waiter would cost on each backend (with ``matched`` blocks instead of the index's)."""
         blocks = waiter.prompt.blocks
-        holders = self.index.holders(blocks[0]) if blocks else set()
+        holders = self.index.holders(blocks[0]) if blocks and matched is None else set()
         tokens_per_char = self.cost.tokens_per_char(waiter.model)
         prompt_tokens = max(1.0, waiter.prompt.chars * tokens_per_char)
         block_tokens = self.settings.block_bytes * tokens_per_char
         options = []
         for backend in backends:
-            matched = self.index.match(backend.name, blocks) if backend.name in holders else 0
-            uncached = max(1.0, prompt_tokens - matched * block_tokens)
-            options.append(_Option(backend, matched, uncached, self.cost.prefill_s(backend, uncached, now)))
+            if matched is None:
+                held = self.index.match(backend.name, blocks) if backend.name in holders else 0
+            else:
+                held = matched
+            uncached = max(1.0, prompt_tokens - held * block_tokens)
+            prefill_s = self.cost.prefill_s(backend, uncached, now)
+            score = prefill_s + _OWN_WORK_AGAIN * uncached / self.cost.prefill_rate(backend)
+            options.append(_Option(backend, held, uncached, prefill_s, score))
         return options
 
     def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | None:
         """The free backend to grant now, or None when the waiter was parked for a busy one."""
         options = self._options(waiter, candidates, now)
         best = self._cheapest(options)
-        patient = now - waiter.enqueued_at < self.settings.patience_max_s and now < waiter.deadline
+        if best.matched_blocks == 0 and waiter.prompt.blocks and waiter.pin is None:
+            best = self._home(waiter, options, best)
+        # Patience is counted from the moment a request declines a free slot, not from its arrival:
+        # under saturation nothing is free, and waiting in line costs it nothing extra.
+        patient = not waiter.patience_spent and now < waiter.deadline and self.settings.patience_max_s > 0
         pinned = self._affinity.get(waiter.pin) if waiter.pin is not None else None
         if pinned is not None:
             chosen = next((o for o in options if o.backend.name == pinned), None)
@@ -191,28 +278,74 @@ class Scheduler:
                 return chosen.backend
             target = self._busy_target(waiter, pinned)
             if patient and target is not None:
-                until = min(waiter.enqueued_at + self.settings.patience_max_s, waiter.deadline)
+                until = min(now + self.settings.patience_max_s, waiter.deadline)
                 self._queue.park(waiter, pinned, self.settings.patience_max_s, until)
                 return None
             return best.backend
         if not patient or not waiter.prompt.blocks:
             return best.backend
-        held = self._deepest_busy_holder(waiter, best, now)
-        if held is None:
+        plan = self._best_wait(waiter, best, now)
+        if plan is None:
             return best.backend
-        saving_s = best.prefill_s - held.prefill_s
-        wait_s = self.cost.slot_wait_s(held.backend, self._queue.parked_count(held.backend.name))
-        if saving_s - wait_s < _MIN_SAVING_S:
-            return best.backend
-        until = min(now + saving_s, waiter.enqueued_at + self.settings.patience_max_s, waiter.deadline)
-        self._queue.park(waiter, held.backend.name, saving_s, until)
+        held, behind, saving_s = plan
+        until = min(now + saving_s, now + self.settings.patience_max_s, waiter.deadline)
+        self._queue.park(waiter, held.backend.name, saving_s, until, behind=behind)
         return None
+
+    def _best_wait(self, waiter: Waiter, best: _Option, now: float) -> tuple[_Option, int | None, float] | None:
+        """Whether waiting beats ``best``: for a full backend holding more of the prompt, or for a
+        running request whose slot will hold more of it when it finishes. Returns the option, the
+        running request's id (or None) and the predicted saving."""
+        plans: list[tuple[float, _Option, int | None, float]] = []
+        held = self._deepest_busy_holder(waiter, best, now)
+        if held is not None:
+            saving_s = best.score - held.score
+            wait_s = self.cost.slot_wait_s(held.backend, self._queue.parked_count(held.backend.name))
+            plans.append((saving_s - wait_s, held, None, saving_s))
+        running = self._running_holder(waiter, best, now)
+        if running is not None:
+            lease, option = running
+            saving_s = best.score - option.score
+            remaining_s = max(0.0, self.cost.service_s(lease.backend) - (now - lease.acquired_at))
+            plans.append((saving_s - remaining_s, option, id(lease), saving_s))
+        if not plans:
+            return None
+        gain, option, behind, saving_s = max(plans, key=lambda plan: plan[0])
+        return (option, behind, saving_s) if gain >= _MIN_SAVING_S else None
+
+    def _running_holder(self, waiter: Waiter, best: _Option, now: float) -> tuple[Lease, _Option] | None:
+        """The running request whose prompt shares the most with this one, beyond ``best``'s match."""
+        blocks = waiter.prompt.blocks
+        found: tuple[int, Lease] | None = None
+        for lease in self._running.get(blocks[0], ()):
+            if lease.backend.name in waiter.excluded or not lease.backend.serves(waiter.model):
+                continue
+            shared = _shared_blocks(blocks, lease.blocks)
+            if shared > best.matched_blocks and (found is None or shared > found[0]):
+                found = (shared, lease)
+        if found is None:
+            return None
+        shared, lease = found
+        option = self._options(waiter, [lease.backend], now, matched=shared)[0]
+        return lease, option
+
+    def _home(self, waiter: Waiter, options: list[_Option], best: _Option) -> _Option:
+        """A prompt cached nowhere goes to its home backend (rendezvous hash of its first block)
+        when that costs about as much as the best: prompts that share a beginning then gather on
+        one backend instead of being copied to all, so the fleet's caches hold more distinct
+        prompts. The cost margin keeps a popular beginning from making its home a hot spot."""
+        first = waiter.prompt.blocks[0]
+        home = max(self._backends, key=lambda b: hashlib.blake2b(first + b.name.encode(), digest_size=8).digest())
+        for option in options:
+            if option.backend is home and option.score <= best.score * (1 + _HOME_MARGIN) + _TIE_S:
+                return option
+        return best
 
     def _cheapest(self, options: list[_Option]) -> _Option:
         """The lowest predicted prefill; near-ties go to the least busy backend, rotating."""
-        lowest = min(option.prefill_s for option in options)
+        lowest = min(option.score for option in options)
         tolerance = max(_TIE_S, lowest * _TIE_SHARE)
-        close = [option for option in options if option.prefill_s <= lowest + tolerance]
+        close = [option for option in options if option.score <= lowest + tolerance]
         if len(close) == 1:
             return close[0]
         self._turn += 1
@@ -237,12 +370,12 @@ class Scheduler:
         busy = [
             b
             for b in map(self._by_name.__getitem__, deeper)
-            if b.free < min(waiter.weight, max(1, b.capacity)) and b.routable
+            if (b.free < min(waiter.weight, max(1, b.capacity)) or not self._accepting(b, now)) and b.routable
             and b.serves(waiter.model) and b.name not in waiter.excluded
         ]  # fmt: skip
         if not busy:
             return None
-        return min(self._options(waiter, busy, now), key=lambda o: o.prefill_s)
+        return min(self._options(waiter, busy, now), key=lambda o: o.score)
 
     # -- grants and releases ----------------------------------------------------------------
 
@@ -259,10 +392,15 @@ class Scheduler:
         lease.uncached_tokens = prompt_tokens - lease.expected_cached_tokens
         lease.predicted_prefill_s = self.cost.prefill_s(backend, lease.uncached_tokens, now)
         lease.affinity = self._affinity_outcome(waiter, backend, matched)
+        self._typical_wait_s += _WAIT_ALPHA * ((now - waiter.enqueued_at) - self._typical_wait_s)
         if waiter.pin is not None:
             self._affinity.set(waiter.pin, backend.name)
         if blocks:
-            self.index.insert(backend.name, blocks)
+            lease.blocks = blocks
+            self._running.setdefault(blocks[0], set()).add(lease)
+        if self.settings.cost_aware:
+            lease.on_first_byte = self._prefill_done
+            self._wake_at(lease.prefill_deadline)
         backend.in_flight += weight
         backend.requests += 1
         backend.leases.add(lease)
@@ -292,6 +430,15 @@ class Scheduler:
         backend.leases.discard(lease)
         backend.in_flight -= lease.weight
         assert backend.in_flight >= 0, "a lease was released twice"
+        if lease.blocks:
+            running = self._running.get(lease.blocks[0])
+            if running is not None:
+                running.discard(lease)
+                if not running:
+                    del self._running[lease.blocks[0]]
+            # The slot that served it now holds its prompt, and can serve what shares it.
+            self.index.insert(backend.name, lease.blocks)
+            self._queue.finished(id(lease))
         self._learn(lease)
         self.dispatch()
 
@@ -321,8 +468,21 @@ class Scheduler:
 
     # -- patience timer ---------------------------------------------------------------------
 
+    def _prefill_done(self) -> None:
+        """A backend finished a prompt: it may take the next request."""
+        if len(self._queue):
+            self.dispatch()
+
+    def _wake_at(self, at: float) -> None:
+        heapq.heappush(self._wakes, at)
+
     def _arm_timer(self) -> None:
-        at = self._queue.next_patience_end()
+        now = time.monotonic()
+        while self._wakes and self._wakes[0] <= now:
+            heapq.heappop(self._wakes)
+        patience = self._queue.next_patience_end()
+        wake = self._wakes[0] if self._wakes and len(self._queue) else None
+        at = min((t for t in (patience, wake) if t is not None), default=None)
         if at is None or at >= self._timer_at:
             return
         try:

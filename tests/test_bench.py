@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import fleet, overhead, scheduler
+from bench import fleet, overhead, routing, scheduler
 
 
 def test_fleet_benchmark_runs(tmp_path: Path) -> None:
@@ -32,3 +32,18 @@ def test_scheduler_benchmark_runs(tmp_path: Path) -> None:
     result = json.loads(output.read_text())
     assert [row["backends"] for row in result["by_backends"]] == [2, 5]
     assert result["import_time_ms"] > 0
+
+
+def test_routing_benchmark_runs(tmp_path: Path) -> None:
+    argv = ["--workloads", "agent,no_reuse", "--loads", "0.8", "--strategies", "round_robin,affinity",
+            "--duration", "2", "--drain", "2", "--speedup", "4", "--scale", "0.05", "--backends-count", "2",
+            "--slots", "2", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert routing.main(argv) == 0
+    result = json.loads((tmp_path / "routing.json").read_text())
+    cells = result["cells"]
+    assert [(c["workload"], c["strategy"]) for c in cells] == [
+        ("agent", "round_robin"), ("agent", "affinity"), ("no_reuse", "round_robin"), ("no_reuse", "affinity"),
+    ]  # fmt: skip
+    assert all(c["completed"] > 0 for c in cells)
+    assert cells[1]["balancer"]["cached_share"] >= 0  # our own view is reported beside the clients'
+    assert (tmp_path / "routing-agent.png").stat().st_size > 1000

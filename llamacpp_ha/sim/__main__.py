@@ -7,13 +7,14 @@ import math
 import sys
 
 from ._app import SimulatedLlamaServer
-from ._config import SimConfig
+from ._config import PROFILES, SimConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llamacpp_ha.sim", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="calibrated speeds (shared/calibration.md)")
     parser.add_argument("--slots", type=int, help="parallel slots (llama-server -np)")
     parser.add_argument("--model", help="model file name reported by /v1/models")
     parser.add_argument("--alias", help="comma-separated aliases; the first becomes the model id")
@@ -27,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", help="a whole SimConfig as JSON (used by SimProcess)")
     args = parser.parse_args(argv)
 
-    config = SimConfig.model_validate_json(args.config_json) if args.config_json else SimConfig()
+    if args.config_json:
+        config = SimConfig.model_validate_json(args.config_json)
+    else:
+        config = SimConfig.profile(args.profile) if args.profile else SimConfig()
     updates = {
         "slots": args.slots,
         "model": args.model,

@@ -163,6 +163,7 @@ class SimulatedLlamaServer:
                 "processing": pool.processing,
                 "deferred": pool.deferred,
                 "deferred_total": pool.deferred_total,
+                "ram_cache_tokens": pool.ram_cache_tokens,
                 "peak_deferred": pool.peak_deferred,
             }
             await send_json(send, 200, stats, origin)
@@ -279,7 +280,7 @@ class SimulatedLlamaServer:
         started = time.perf_counter()
         if on_progress is not None:
             await on_progress(0)
-        await self._prefill(prompt_n)
+        await self._prefill(prompt_n, run.assignment.cache_n)
         slot.n_prompt_tokens_processed = prompt_n
         if on_progress is not None:
             await on_progress(prompt_n)
@@ -300,8 +301,13 @@ class SimulatedLlamaServer:
             if job.stream and disconnected.is_set():
                 return
             busy = max(1, self.pool.processing)
-            slowdown = config.prefill_slows_decode if self.pool.prefilling else 1.0
-            debt += slowdown / (config.decode_tokens_per_s * busy**-config.decode_concurrency_exponent)
+            token_s = 1 / (config.decode_tokens_per_s * busy**-config.decode_concurrency_exponent)
+            if self.pool.prefilling:
+                stall_ms = config.decode_token_ms_while_prefilling
+                token_s = (
+                    max(token_s, stall_ms / 1000) if stall_ms is not None else token_s * config.prefill_slows_decode
+                )
+            debt += token_s
             if debt >= MIN_SLEEP_S:
                 await asyncio.sleep(debt)
                 debt = 0.0
@@ -316,17 +322,24 @@ class SimulatedLlamaServer:
         self._count("n_decode_total", len(run.pieces) + 1)
         self._counters["n_tokens_max"] = max(self._counters.get("n_tokens_max", 0), len(slot.tokens))
 
-    async def _prefill(self, tokens: int) -> None:
-        """Process ``tokens`` prompt tokens; slots prefilling at the same time share the prefill rate."""
-        rate = self.config.prefill_tokens_per_s
-        if tokens <= 0 or math.isinf(rate):
+    def prefill_alone_s(self, tokens: int, cached: int) -> float:
+        """Seconds to process ``tokens`` new prompt tokens after ``cached`` ones, with the server to itself."""
+        curve = self.config.prefill_curve_ms
+        if curve is not None:
+            t0, a, b = curve
+            return (t0 + a * tokens + b * ((cached + tokens) ** 2 - cached**2)) / 1000
+        return tokens / self.config.prefill_tokens_per_s
+
+    async def _prefill(self, tokens: int, cached: int = 0) -> None:
+        """Process ``tokens`` prompt tokens; slots prefilling at the same time share the compute."""
+        if tokens <= 0 or math.isinf(self.config.prefill_tokens_per_s):
             return
         pool = self.pool
         pool.prefilling += 1
         try:
-            remaining = float(tokens)
+            remaining = self.prefill_alone_s(tokens, cached)
             while remaining > 0:
-                share = rate / pool.prefilling
+                share = 1 / pool.prefilling
                 step = min(remaining / share, _PREFILL_STEP_S)
                 await sleep_at_least_1ms(step)
                 remaining -= share * step

@@ -11,8 +11,6 @@ from ._text import common_prefix_length
 
 __all__ = ["Assignment", "SimSlot", "SlotPool"]
 
-_RAM_CACHE_ENTRIES = 32
-
 
 @dataclass
 class SimSlot:
@@ -58,7 +56,10 @@ class SlotPool:
         self._config = config
         self.slots = [SimSlot(id=i, n_ctx=config.n_ctx) for i in range(config.slots)]
         self._deferred: deque[_Deferred] = deque()
-        self._ram_cache: deque[tuple[str, ...]] = deque(maxlen=_RAM_CACHE_ENTRIES)
+        self._ram_cache: deque[tuple[str, ...]] = deque()
+        self._ram_cache_tokens = 0
+        self._ram_cache_limit = config.cache_ram_mib * 1024 * 1024 // config.kv_bytes_per_token
+        """The RAM cache's size in tokens."""
         self._next_task = 0
         self.peak_deferred = 0
         """The most tasks ever deferred at once."""
@@ -110,6 +111,18 @@ class SlotPool:
             return
         chosen.future.set_result(self._assign(freed, chosen.prompt))
 
+    def _save(self, tokens: tuple[str, ...]) -> None:
+        if len(tokens) > self._ram_cache_limit:
+            return
+        self._ram_cache.append(tokens)
+        self._ram_cache_tokens += len(tokens)
+        while self._ram_cache_tokens > self._ram_cache_limit:
+            self._ram_cache_tokens -= len(self._ram_cache.popleft())
+
+    @property
+    def ram_cache_tokens(self) -> int:
+        return self._ram_cache_tokens
+
     def _wrap(self, id_slot: int) -> int:
         return id_slot % len(self.slots)
 
@@ -133,11 +146,11 @@ class SlotPool:
 
     def _assign(self, slot: SimSlot, prompt: list[str]) -> Assignment:
         cached = common_prefix_length(slot.tokens, prompt)
-        if self._config.cache_ram:
+        if self._ram_cache_limit:
             # llama-server saves a slot's state to the RAM cache before another prompt
             # overwrites most of it, and loads the best saved prompt if it matches better.
             if slot.tokens and cached < len(slot.tokens) / 2:
-                self._ram_cache.append(tuple(slot.tokens))
+                self._save(tuple(slot.tokens))
             for saved in self._ram_cache:
                 cached = max(cached, common_prefix_length(saved, prompt))
         # At least one prompt token is always evaluated again.

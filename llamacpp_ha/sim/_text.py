@@ -69,9 +69,15 @@ def generated_pieces(seed: int | None, count: int) -> list[str]:
     return [rng.choice(_VOCABULARY) for _ in range(count)]
 
 
+_CHUNK = 256
+
+
 def common_prefix_length(a: Sequence[str], b: Sequence[str]) -> int:
+    # Whole chunks compare as slices (in C); only the chunk that differs is walked token by token.
     n = min(len(a), len(b))
     i = 0
+    while i + _CHUNK <= n and a[i : i + _CHUNK] == b[i : i + _CHUNK]:
+        i += _CHUNK
     while i < n and a[i] == b[i]:
         i += 1
     return i

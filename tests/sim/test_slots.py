@@ -69,3 +69,44 @@ async def test_loading_phase_answers_503_everywhere() -> None:
             response = client.get(path)
             assert response.status_code == 503
             assert response.json()["error"]["message"] == "Loading model"
+
+
+def words(count: int, start: int = 0) -> str:
+    return " ".join(f"w{i}" for i in range(start, start + count))
+
+
+async def test_the_ram_prompt_cache_is_bounded_in_bytes() -> None:
+    # 1 MiB at 1 KiB per token holds 1,024 tokens: two 400-token prompts, not three.
+    with SimServer(slots=1, cache_ram_mib=1, kv_bytes_per_token=1024) as sim:
+        async with httpx2.AsyncClient(base_url=sim.url, timeout=10) as client:
+            prompts = [words(400, start=1000 * i) for i in range(4)]
+            for prompt in prompts:
+                await client.post("/completion", json={"prompt": prompt, "n_predict": 1})
+            stats = (await client.get("/sim/stats")).json()
+            assert 0 < stats["ram_cache_tokens"] <= 1024
+            # The slot now holds prompt 3; prompt 2 comes back from RAM, prompt 0 was evicted.
+            recent = (await client.post("/completion", json={"prompt": prompts[2], "n_predict": 1})).json()
+            oldest = (await client.post("/completion", json={"prompt": prompts[0], "n_predict": 1})).json()
+    assert recent["timings"]["cache_n"] >= 400
+    assert oldest["timings"]["cache_n"] <= 1
+
+
+async def test_the_gpu_profile_prefills_on_its_calibrated_curve() -> None:
+    # 8B on an H200: 16,000 tokens cold in about 855 ms; a 3,500-token cached prefix makes the
+    # rest of a 4,096-token prompt cheap. Tokens are the simulator's words here.
+    from llamacpp_ha.sim import SimConfig, SimulatedLlamaServer
+
+    config = SimConfig.profile("gpu-8b", n_ctx=20_000, slots=2)
+    with SimServer(SimulatedLlamaServer(config)) as sim:
+        app = sim.app
+        assert app.prefill_alone_s(16_000, 0) == pytest.approx(0.855, rel=0.05)
+        assert app.prefill_alone_s(2_048, 0) == pytest.approx(0.087, rel=0.05)
+        assert app.prefill_alone_s(596, 3_500) < app.prefill_alone_s(4_096, 0) / 4
+        async with httpx2.AsyncClient(base_url=sim.url, timeout=30) as client:
+            body = {"prompt": words(8_000), "n_predict": 1}
+            cold = (await client.post("/completion", json=body)).json()
+            warm = (await client.post("/completion", json=body | {"prompt": words(8_100)})).json()
+    # 8,001 tokens (with <s>) alone: 3 + 0.041 n + 7.8e-7 n^2 ms = 381 ms.
+    assert cold["timings"]["prompt_ms"] == pytest.approx(381, rel=0.25)
+    assert warm["timings"]["cache_n"] >= 8_000
+    assert warm["timings"]["prompt_ms"] < 60

@@ -1,0 +1,306 @@
+"""The cost-aware scheduler on its own: prefix index, cost decisions, patience, weights, retries.
+
+Backends here are polled-looking ``Backend`` objects (no HTTP); each test checks that the slot
+counts return to where they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from llamacpp_ha import BackendConfig, BackendState, Balancer, BalancerConfig
+from llamacpp_ha._leases import Lease, Timings
+from llamacpp_ha._prefix import PrefixIndex
+from llamacpp_ha._prompt import PromptShape
+from llamacpp_ha._queue import Waiter, WaiterState
+
+pytestmark = pytest.mark.anyio
+
+BLOCK = 512
+
+
+def blocks(conversation: int, count: int) -> tuple[bytes, ...]:
+    return tuple(conversation.to_bytes(4, "little") + i.to_bytes(4, "little") for i in range(count))
+
+
+def prompt(conversation: int, count: int, weight: int = 1) -> PromptShape:
+    return PromptShape(blocks(conversation, count), count * BLOCK + 100, weight)
+
+
+def balancer(*slots: int, patience_max_s: float = 3.0, prefill_backlog_s: float | None = None) -> Balancer:
+    """A balancer whose backends look polled and healthy; nothing is ever sent to them."""
+    config = BalancerConfig(
+        backends=[BackendConfig(url=f"http://b{i}.invalid:8080", name=f"b{i}") for i in range(len(slots))],
+        patience_max_s=patience_max_s,
+        prefill_backlog_s=prefill_backlog_s,
+    )
+    made = Balancer(config)
+    for backend, capacity in zip(made.backends, slots, strict=True):
+        backend.reported_capacity = capacity
+        backend.set_models(("model.gguf",))
+        backend.set_state(BackendState.HEALTHY, "ready")
+        backend.prefill_rate = 1000.0  # tokens/s, known
+        backend.service_s = 10.0
+    made.scheduler.cost.learn_prompt(None, 1000, 250)  # 0.25 tokens per character
+    return made
+
+
+def waiter(made: Balancer, shape: PromptShape, *, excluded: frozenset[str] = frozenset()) -> Waiter:
+    future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+    return Waiter(made.queue.next_seq(), "model", future, time.monotonic(), prompt=shape, excluded=excluded)
+
+
+def submit(made: Balancer, shape: PromptShape, **kwargs: frozenset[str]) -> Waiter:
+    entry = waiter(made, shape, **kwargs)
+    made.queue.push(entry)
+    made.scheduler.dispatch()
+    return entry
+
+
+def granted(entry: Waiter) -> str | None:
+    return entry.future.result().backend.name if entry.future.done() else None
+
+
+def release_all(made: Balancer) -> None:
+    for lease in list(made.scheduler.leases):
+        lease.release()
+    assert [b.in_flight for b in made.backends] == [0] * len(made.backends)
+    assert len(made.queue) == 0
+
+
+def seed(made: Balancer, backend: str, shape: PromptShape) -> None:
+    made.scheduler.index.insert(backend, shape.blocks)
+
+
+# -- the prefix index ------------------------------------------------------------------------
+
+
+def test_the_longest_match_is_the_held_prefix() -> None:
+    index = PrefixIndex()
+    index.insert("a", blocks(1, 10))
+    assert index.match("a", blocks(1, 10)) == 10
+    assert index.match("a", blocks(1, 25)) == 10  # a later turn: its first 10 blocks are held
+    assert index.match("a", blocks(2, 10)) == 0
+    assert index.match("b", blocks(1, 10)) == 0
+    assert index.holders(blocks(1, 10)[9]) == {"a"}
+
+
+def test_eviction_takes_the_tail_of_a_prompt_before_its_head() -> None:
+    index = PrefixIndex()
+    index.set_ceiling("a", 16)
+    index.insert("a", blocks(1, 10))
+    index.insert("a", blocks(2, 10))  # 20 blocks > 16: the oldest tails go
+    assert index.size("a") == 16
+    assert index.match("a", blocks(2, 10)) == 10
+    assert index.match("a", blocks(1, 10)) == 6  # still a prefix of conversation 1
+    assert index.holders(blocks(1, 10)[9]) == set()
+
+
+def test_a_restart_empties_a_backends_index_and_misses_shrink_it() -> None:
+    index = PrefixIndex()
+    index.set_ceiling("a", 100)
+    index.insert("a", blocks(1, 40))
+    index.observe("a", expected_blocks=40, actual_blocks=2)
+    assert index.limit("a") == 80
+    index.clear("a")
+    assert index.match("a", blocks(1, 40)) == 0
+    assert index.holders(blocks(1, 40)[0]) == set()
+    assert index.limit("a") == 100
+
+
+def test_timings_are_read_from_the_tail_of_a_body() -> None:
+    tail = b'data: {"choices":[],"timings":{"cache_n":51,"prompt_n":1,"prompt_ms":1.224,"predicted_n":12}}\n\n'
+    assert Timings.find(tail) == Timings(51, 1, 1.224)
+    assert Timings.find(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') is None
+
+
+# -- the cost decision -----------------------------------------------------------------------
+
+
+async def test_the_backend_holding_the_prefix_wins_when_its_slot_is_free() -> None:
+    made = balancer(2, 2)
+    shape = prompt(1, 40)
+    seed(made, "b1", shape)
+    entry = submit(made, shape)
+    assert granted(entry) == "b1"
+    lease = entry.future.result()
+    assert lease.affinity == "hit"
+    assert lease.expected_cached_tokens == pytest.approx(40 * BLOCK * 0.25)
+    release_all(made)
+
+
+async def test_a_free_backend_wins_when_the_one_with_the_prefix_is_buried_in_prefill() -> None:
+    made = balancer(4, 4)
+    shape = prompt(1, 8)  # 1,049 tokens, 1,024 of them cached on b1
+    seed(made, "b1", shape)
+    # Other clients' long cold prompts are prefilling on b1: 60,000 tokens at 1,000 tokens/s.
+    b1 = made.backend("b1")
+    prefilling = Lease(b1, lambda lease: None)
+    prefilling.uncached_tokens, prefilling.predicted_prefill_s = 60_000.0, 60.0
+    b1.leases.add(prefilling)
+    entry = submit(made, shape)
+    assert granted(entry) == "b0"
+    assert entry.future.result().affinity == "miss"
+    b1.leases.discard(prefilling)
+    release_all(made)
+
+
+async def test_a_heterogeneous_fleet_sends_new_prompts_to_the_faster_backend() -> None:
+    made = balancer(2, 2)
+    made.backend("b0").prefill_rate = 500.0  # half as fast
+    for i in range(3):
+        entry = submit(made, prompt(i, 20))
+        assert granted(entry) == "b1"
+        entry.future.result().release()
+    release_all(made)
+
+
+async def test_a_backend_busy_prefilling_takes_no_new_request_until_its_backlog_is_short() -> None:
+    made = balancer(4, 4, prefill_backlog_s=0.5)
+    long = [submit(made, prompt(i, 40)) for i in range(2)]  # 5,100 tokens each: 5 s of prefill
+    assert sorted(granted(e) or "" for e in long) == ["b0", "b1"]
+    waiting = submit(made, prompt(9, 4))
+    assert not waiting.future.done()  # free slots, but both backends have seconds of prefill queued
+    lease = long[0].future.result()
+    lease.touch()  # its first token: the prompt is processed, the backend takes the next request
+    assert granted(waiting) == lease.backend.name
+    release_all(made)
+
+
+# -- bounded patience ------------------------------------------------------------------------
+
+
+async def test_a_request_waits_for_the_busy_backend_holding_its_long_prefix() -> None:
+    made = balancer(1, 1)
+    shape = prompt(1, 200)  # 25,600 tokens: 25.6 s of prefill anywhere else
+    holder = submit(made, prompt(3, 1))
+    home = granted(holder)
+    assert home is not None
+    made.backend(home).service_s = 0.5  # its slot frees soon
+    seed(made, home, shape)
+    entry = submit(made, shape)  # the other backend is free, but would prefill it all
+    assert entry.state is WaiterState.PARKED
+    assert entry.parked_on == home
+    holder.future.result().release()  # the slot frees: it picks the parked request
+    assert granted(entry) == home
+    assert entry.future.result().affinity == "hit"
+    release_all(made)
+
+
+async def test_patience_ends_and_a_free_slot_elsewhere_serves_the_request() -> None:
+    made = balancer(1, 1, patience_max_s=0.2)
+    shape = prompt(1, 200)
+    holder = submit(made, prompt(3, 1))
+    home = granted(holder)
+    assert home is not None
+    made.backend(home).service_s = 0.5
+    seed(made, home, shape)
+    entry = submit(made, shape)
+    assert entry.state is WaiterState.PARKED
+    started = time.monotonic()
+    await asyncio.wait_for(asyncio.shield(entry.future), timeout=2)  # the holder never finishes
+    assert granted(entry) != home
+    assert 0.15 <= time.monotonic() - started < 1.5
+    release_all(made)
+
+
+async def test_parked_requests_go_first_but_never_past_an_overdue_one() -> None:
+    # b1 holds a hot prefix; b0 always has a free slot, so hot requests park for b1. An old
+    # request that may only use b1 (a retry that must avoid b0) must still get b1 once it has
+    # waited patience_max_s, however many hot requests keep arriving.
+    made = balancer(2, 1, patience_max_s=0.1)
+    made.backend("b1").service_s = 0.01
+    hot = prompt(1, 200)
+    seed(made, "b1", hot)
+    current = submit(made, hot)
+    assert granted(current) == "b1"
+    old = submit(made, prompt(2, 4), excluded=frozenset({"b0"}))
+    hot_served_before_old = 0
+    deadline = time.monotonic() + 2
+    while not old.future.done() and time.monotonic() < deadline:
+        newcomer = submit(made, hot)
+        assert newcomer.state is WaiterState.PARKED, "a hot request waits for b1 rather than take b0"
+        current.future.result().release()
+        if newcomer.future.done():
+            hot_served_before_old += 1
+            current = newcomer
+        await asyncio.sleep(0.01)
+    assert granted(old) == "b1"
+    assert hot_served_before_old >= 1
+    assert time.monotonic() - old.enqueued_at < 0.5
+    for entry in made.queue.drain():
+        entry.future.cancel()
+    release_all(made)
+
+
+# -- weights and retries ---------------------------------------------------------------------
+
+
+async def test_a_request_with_n_choices_takes_n_slots() -> None:
+    made = balancer(4)
+    heavy = submit(made, prompt(1, 2, weight=3))
+    assert made.backend("b0").in_flight == 3
+    light = submit(made, prompt(2, 2))
+    too_heavy = submit(made, prompt(3, 2, weight=2))  # one slot left: waits
+    assert granted(light) == "b0"
+    assert not too_heavy.future.done()
+    heavy.future.result().release()
+    assert granted(too_heavy) == "b0"
+    assert made.backend("b0").in_flight == 3
+    light.future.result().release()
+    release_all(made)
+
+
+async def test_a_weight_beyond_every_backend_takes_a_whole_backend() -> None:
+    made = balancer(2)
+    entry = submit(made, prompt(1, 2, weight=8))
+    assert granted(entry) == "b0"
+    assert entry.future.result().weight == 2
+    release_all(made)
+
+
+async def test_a_retry_that_must_avoid_the_free_backend_blocks_nobody() -> None:
+    made = balancer(1, 1)
+    busy = submit(made, prompt(9, 1))
+    taken = granted(busy)
+    other = "b1" if taken == "b0" else "b0"
+    retry = submit(made, prompt(1, 1), excluded=frozenset({other}))  # may only use the busy backend
+    behind = submit(made, prompt(2, 1))
+    assert granted(behind) == other
+    assert not retry.future.done()
+    busy.future.result().release()
+    assert granted(retry) == taken
+    release_all(made)
+
+
+async def test_refused_and_cancelled_waiters_do_not_pile_up_in_memory() -> None:
+    made = balancer(1)
+    holder = submit(made, prompt(1, 1))
+    live = submit(made, prompt(2, 1))
+    for i in range(5_000):
+        entry = submit(made, prompt(3 + i, 1))
+        entry.future.cancel()
+        made.queue.forget(entry)
+    assert len(made.queue) == 1
+    assert made.queue.entries() < 200
+    holder.future.result().release()
+    assert granted(live) == "b0"
+    made.queue.forget(live)  # granted already: forgetting it again changes nothing
+    assert len(made.queue) == 0
+    release_all(made)
+
+
+def test_draining_then_forgetting_never_goes_negative() -> None:
+    made = balancer(1)
+    loop = asyncio.new_event_loop()
+    try:
+        entry = Waiter(made.queue.next_seq(), "model", loop.create_future(), time.monotonic())
+        made.queue.push(entry)
+        assert made.queue.drain() == [entry]
+        made.queue.forget(entry)  # aclose() raced a cancellation
+        assert len(made.queue) == 0
+    finally:
+        loop.close()
