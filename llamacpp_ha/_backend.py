@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 
@@ -12,7 +14,7 @@ from ._config import BackendConfig
 if TYPE_CHECKING:
     from ._leases import Lease
 
-__all__ = ["Backend", "BackendState", "model_names"]
+__all__ = ["Backend", "BackendState", "model_names", "redact_url"]
 
 logger = logging.getLogger("llamacpp_ha")
 
@@ -25,6 +27,14 @@ class BackendState(StrEnum):
     """Answers 503 ``Loading model``: not routable until loaded."""
     DEAD = "dead"
     """Does not answer at all."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user info (``user:password@``) hidden, for logs and snapshots."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def model_names(model_id: str, aliases: tuple[str, ...] = ()) -> set[str]:
@@ -44,12 +54,22 @@ class Backend:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.name
-        self.url = config.url
-        self.base_url = httpx2.URL(config.url)
+        parsed = httpx2.URL(config.url)
+        self.url = str(parsed.copy_with(username=None, password=None)).rstrip("/")
+        """The URL requests go to; user info in the configured URL becomes an auth header instead,
+        so that no client library logs it."""
+        self.display_url = redact_url(config.url)
+        """The URL as shown in logs and snapshots: credentials in it are hidden."""
+        self.base_url = httpx2.URL(self.url)
         """Parsed once: every forwarded request is rewritten onto it."""
         key = config.api_key
-        self.auth_headers: dict[str, str] = {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
-        """The backend's own ``--api-key``, sent on polls and forwarded requests."""
+        self.auth_headers: dict[str, str] = {}
+        """The backend's own ``--api-key`` (or the URL's user info), sent on polls and forwarded requests."""
+        if key:
+            self.auth_headers["authorization"] = f"Bearer {key.get_secret_value()}"
+        elif parsed.username:
+            basic = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
+            self.auth_headers["authorization"] = f"Basic {basic}"
         self._state = BackendState.UNKNOWN
         self._reported_capacity = 0
         self._in_flight = 0
@@ -173,7 +193,7 @@ class Backend:
         if state is self.state:
             return
         level = logging.WARNING if state in (BackendState.DEAD, BackendState.LOADING) else logging.INFO
-        logger.log(level, "backend %s (%s): %s -> %s: %s", self.name, self.url, self.state, state, reason)
+        logger.log(level, "backend %s (%s): %s -> %s: %s", self.name, self.display_url, self.state, state, reason)
         if state is BackendState.HEALTHY:
             self.generation += 1
         self.state = state

@@ -60,6 +60,8 @@ class Balancer:
         self._poller: asyncio.Task[None] | None = None
         self._polled = asyncio.Event()
         self._wake_poller = asyncio.Event()
+        self._poll_soon: set[str] = set()
+        """Backends to poll at once, out of their schedule."""
         self._closed = False
 
     @property
@@ -129,8 +131,9 @@ class Balancer:
             self._registry_instance = Registry(self.backends, client, self.config.poll_timeout_s)
         return self._registry_instance
 
-    def wake_poller(self) -> None:
-        """Poll soon instead of at the next interval (a backend just failed)."""
+    def wake_poller(self, backend: Backend) -> None:
+        """Poll this backend now instead of at its next interval (it just failed); no other."""
+        self._poll_soon.add(backend.name)
         self._wake_poller.set()
 
     async def _expire_idle_leases(self) -> None:
@@ -282,14 +285,20 @@ async def _poll_forever(balancer_ref: weakref.ref[Balancer], wake: asyncio.Event
     # The balancer is held only while starting polls, so one dropped without aclose() is
     # collected and this task ends instead of running until the loop closes.
     polls: dict[int, asyncio.Task[None]] = {}
+    started: dict[int, float] = {}
     try:
         while True:
             balancer = balancer_ref()
             if balancer is None or balancer.closed:
                 return
+            interval = balancer.config.poll_interval_s
+            now = time.monotonic()
+            soon, balancer._poll_soon = balancer._poll_soon, set()
             for index, backend in enumerate(balancer.backends):
                 running = polls.get(index)
-                if running is None or running.done():
+                due = now - started.get(index, -interval) >= interval or backend.name in soon
+                if due and (running is None or running.done()):
+                    started[index] = now
                     polls[index] = asyncio.create_task(
                         balancer.poll_backend(backend), name=f"llamacpp-ha-poll-{backend.name}"
                     )
@@ -297,10 +306,10 @@ async def _poll_forever(balancer_ref: weakref.ref[Balancer], wake: asyncio.Event
                 await balancer._expire_idle_leases()
             except Exception:
                 logger.exception("closing idle responses failed")
-            interval = balancer.config.poll_interval_s
+            next_due = min(started.values(), default=now) + interval
             del balancer
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(max(0.01, next_due - time.monotonic())):
                     await wake.wait()
             wake.clear()
     finally:

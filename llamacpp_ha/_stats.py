@@ -118,7 +118,7 @@ def snapshot_backend(backend: Backend, index_blocks: int = 0) -> BackendSnapshot
     prompt = backend.prompt_tokens
     return BackendSnapshot(
         name=backend.name,
-        url=backend.url,
+        url=backend.display_url,
         state=backend.state,
         reason=backend.reason,
         sleeping=backend.sleeping,

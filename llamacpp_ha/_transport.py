@@ -24,17 +24,19 @@ _MODEL_PATHS = frozenset({"/v1/models", "/models"})
 # client left (a resumable stream), which would hold a slot we believe is free.
 _DROPPED_HEADERS = frozenset(
     {
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "x-conversation-id",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"x-conversation-id",
     }
 )
+_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
+"""Replaced by the backend's own key when it has one."""
 _RETRYABLE = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ConnectTimeout)
 
 
@@ -205,11 +207,10 @@ class HATransport(httpx2.AsyncBaseTransport):
             port=base.port,
             raw_path=base.raw_path.rstrip(b"/") + request.url.raw_path,
         )
-        # multi_items() gives lower-case names.
-        headers = [(k, v) for k, v in request.headers.multi_items() if k not in _DROPPED_HEADERS]
-        if backend.auth_headers:
-            headers = [(k, v) for k, v in headers if k not in ("authorization", "x-api-key")]
-            headers += list(backend.auth_headers.items())
+        # Raw bytes: a header value that is not ASCII (``X-Title: café``) is forwarded as sent.
+        dropped = _DROPPED_HEADERS | _CREDENTIAL_HEADERS if backend.auth_headers else _DROPPED_HEADERS
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in dropped]
+        headers += [(k.encode(), v.encode()) for k, v in backend.auth_headers.items()]
         extensions = dict(request.extensions)
         timeout = dict(extensions.get("timeout") or {})
         timeout["connect"] = self.balancer.config.connect_timeout_s
@@ -220,7 +221,7 @@ class HATransport(httpx2.AsyncBaseTransport):
         backend.errors += 1
         if isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout)):
             backend.set_state(BackendState.DEAD, f"{type(exc).__name__}: {exc}".rstrip(": "))
-        self.balancer.wake_poller()
+        self.balancer.wake_poller(backend)
 
     def _note_stream_failure(self, lease: Lease, exc: Exception) -> None:
         self.balancer.stats.stream_failures += 1

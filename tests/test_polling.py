@@ -91,3 +91,35 @@ async def test_other_clients_load_counts_against_free_slots(sims: Sims, clients:
     await stream.close()
     await eventually(lambda: http.balancer.snapshot().backends[0].free == 2)
     assert other_http.balancer.snapshot().in_flight == 0
+
+
+async def test_a_failing_backend_is_polled_again_at_once_but_the_others_keep_their_schedule() -> None:
+    import time
+
+    import httpx2
+
+    from llamacpp_ha import HATransport
+
+    from .mock_fleet import MockFleet
+
+    fleet = MockFleet.of("flaky", "steady")
+    transport = HATransport(fleet.config(poll_interval_s=0.5, policy="round_robin"), upstream=fleet.transport())
+    async with httpx2.AsyncClient(transport=transport, base_url="http://x") as client:
+        await transport.balancer.start()
+
+        def refuse(request: httpx2.Request) -> httpx2.Response:
+            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
+
+        # Its polls succeed, its requests fail: every failure asks for a poll of it at once.
+        fleet.backends["flaky"].inference = refuse
+        fleet.polls.clear()
+        started = time.monotonic()
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        while time.monotonic() - started < 1.0:
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+            await asyncio.sleep(0.01)
+    flaky_polls = [p for p in fleet.polls if p == "flaky /slots"]
+    steady_slots_polls = [p for p in fleet.polls if p == "steady /slots"]
+    assert len(flaky_polls) > 5
+    # 1 s at a 0.5 s interval: 2 or 3 polls of the steady backend, whatever the flaky one does.
+    assert len(steady_slots_polls) <= 3

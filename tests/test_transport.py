@@ -273,3 +273,33 @@ async def test_requests_without_a_slot_go_to_any_backend(client_for: Client) -> 
     assert response.json() == {"tokens": [1, 2]}
     assert response.headers["x-llamacpp-ha-backend"] == "gpu1"
     assert balancer_of(client).balancer.stats.dispatched == 0  # took no slot
+
+
+async def test_a_header_value_that_is_not_ascii_is_forwarded_as_sent(client_for: Client) -> None:
+    fleet = MockFleet.of("gpu1")
+    client = client_for(fleet)
+    raw = [(b"x-title", "café".encode()), (b"content-type", b"application/json")]
+    request = httpx2.Request("POST", "http://x/v1/chat/completions", headers=raw, content=json.dumps(CHAT).encode())
+    response = await client.send(request)
+    assert response.status_code == 200
+    (sent,) = fleet.requests
+    assert (b"x-title", "café".encode()) in sent.headers.raw
+
+
+async def test_user_info_in_a_backend_url_becomes_basic_auth_and_never_shows() -> None:
+    fleet = MockFleet.of("gpu1")
+    seen: list[httpx2.Request] = []
+
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return fleet.handle(request)
+
+    config = BalancerConfig(backends=[BackendConfig(url="http://admin:pw@gpu1:8080", name="gpu1")])
+    transport = HATransport(config, upstream=httpx2.MockTransport(handle))
+    async with httpx2.AsyncClient(transport=transport) as client:
+        response = await client.post("http://x/v1/chat/completions", json=CHAT)
+        snapshot = transport.balancer.snapshot()
+    assert response.status_code == 200
+    assert all(r.url.userinfo == b"" for r in seen)
+    assert {r.headers["authorization"] for r in seen} == {"Basic YWRtaW46cHc="}
+    assert snapshot.backends[0].url == "http://***@gpu1:8080"

@@ -95,7 +95,7 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
     app.state.llamacpp_ha = context
     app.router.routes.extend(Route(path, proxy, methods=["POST"]) for path in PROXIED_PATHS)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if context.state.draining:
             return _json(503, {"status": "draining", "in_flight": context.state.in_flight})

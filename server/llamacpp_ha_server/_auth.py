@@ -24,8 +24,10 @@ class ApiKeyMiddleware:
     """Requires ``Authorization: Bearer <key>`` with a configured key, on every path but the exempt ones.
 
     The presented key is compared with every configured key in constant time, so the time taken
-    tells nothing about which key, or how much of one, matched. CORS preflights pass, as they do
-    on llama-server. Keys are never logged; the matching key's name goes in the request's state.
+    tells nothing about which key, or how much of one, matched. CORS preflights never reach this
+    middleware when origins are configured (the CORS middleware outside it answers them); any other
+    ``OPTIONS`` needs a key like every method, so a 405 cannot map the routes for a stranger. Keys
+    are never logged; the matching key's name goes in the request's state.
     """
 
     def __init__(self, app: ASGIApp, keys: list[ApiKey], exempt_paths: list[str]) -> None:
@@ -34,7 +36,7 @@ class ApiKeyMiddleware:
         self._exempt = frozenset(exempt_paths) | _ALWAYS_PUBLIC
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._keys or scope["method"] == "OPTIONS" or scope["path"] in self._exempt:
+        if scope["type"] != "http" or not self._keys or scope["path"] in self._exempt:
             await self.app(scope, receive, send)
             return
         name = self._match(scope)

@@ -19,6 +19,14 @@ class ApiKey(BaseModel):
     key: SecretStr
     name: str = ""
 
+    @field_validator("key")
+    @classmethod
+    def _not_blank(cls, value: SecretStr) -> SecretStr:
+        # An empty key would match a request without one: authentication silently off.
+        if not value.get_secret_value().strip():
+            raise ValueError("an API key must not be empty or blank")
+        return value
+
 
 class ServerSettings(BaseModel):
     """The ``server`` section of the config file."""

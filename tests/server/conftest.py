@@ -45,11 +45,14 @@ def serve() -> Iterator[Callable[..., AppServer]]:
     """Serve a proxy over the given backends; stopped after the test."""
     started: list[AppServer] = []
 
-    def start(*backends: SimServer, **settings: Any) -> AppServer:
+    def start(*backends: SimServer | str, **settings: Any) -> AppServer:
         server_section = settings.pop("server", {})
         settings.setdefault("poll_interval_s", 0.2)
         config = ServerConfig(
-            backends=[BackendConfig(url=sim.url, name=f"b{i}") for i, sim in enumerate(backends)],
+            backends=[
+                BackendConfig(url=sim if isinstance(sim, str) else sim.url, name=f"b{i}")
+                for i, sim in enumerate(backends)
+            ],
             server=server_section,
             **settings,
         )

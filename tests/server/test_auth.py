@@ -56,8 +56,13 @@ async def test_any_configured_key_works_and_exempt_paths_are_open(sims: Sims, se
             ).choices
     async with httpx2.AsyncClient(base_url=server.url) as http:
         assert (await http.get("/health")).status_code == 200
+        assert (await http.head("/health")).status_code == 200
         assert (await http.get("/metrics")).status_code == 200
-        assert (await http.options("/v1/chat/completions")).status_code != 401  # CORS preflights pass
+        # Without CORS origins an OPTIONS is a request like any other: no key, no answer about routes.
+        for path in ("/v1/chat/completions", "/no/such/route"):
+            response = await http.options(path)
+            assert response.status_code == 401
+            assert response.json()["error"]["type"] == "authentication_error"
 
 
 async def test_keys_never_show_only_their_names(sims: Sims, serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
@@ -111,3 +116,26 @@ async def test_cors_origins_are_allowed_when_configured(sims: Sims, serve: Serve
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("keys", [[""], ["   "], [{"key": "", "name": "empty"}]])
+def test_an_empty_or_blank_key_is_a_config_error(keys: list[object]) -> None:
+    # An empty key would match a request that sends none: authentication off by accident.
+    with pytest.raises(ValueError, match="must not be empty or blank"):
+        ServerSettings.model_validate({"api_keys": keys})
+
+
+async def test_backend_credentials_never_show(sims: Sims, serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    from llamacpp_ha._backend import redact_url
+
+    assert redact_url("http://admin:pw@gpu-1:8080/llama") == "http://***@gpu-1:8080/llama"
+    assert redact_url("http://gpu-1:8080") == "http://gpu-1:8080"
+    caplog.set_level(logging.DEBUG)
+    sim = sims(slots=1)
+    server = serve(sim.url.replace("http://", "http://admin:hunter2@"))
+    async with httpx2.AsyncClient(base_url=server.url) as http:
+        monitor = (await http.get("/monitor/data")).text
+        health = (await http.get("/health")).text
+    assert "***@127.0.0.1" in monitor
+    for text in (monitor, health, caplog.text):
+        assert "hunter2" not in text
