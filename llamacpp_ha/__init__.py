@@ -14,6 +14,7 @@ from ._errors import (
     NoBackendError,
     QueueFullError,
     QueueTimeoutError,
+    UpstreamTimeoutError,
 )
 from ._stats import BackendSnapshot, BalancerSnapshot, Counters
 from ._sync import HASyncClient, SyncHATransport, ha_sync_client
@@ -41,6 +42,7 @@ __all__ = [
     "QueueTimeoutError",
     "RouteInfo",
     "SyncHATransport",
+    "UpstreamTimeoutError",
     "__version__",
     "ha_client",
     "ha_sync_client",

@@ -16,6 +16,8 @@ QueueTimeoutError      503     waited ``queue_timeout_s`` without a free slot.
                                ``retry-after-ms`` is set.
 NoBackendError         503     every attempt failed before any response byte (connect
                                error, refused, backend loading); failover is exhausted.
+UpstreamTimeoutError   504     the backend accepted the request and sent nothing for
+                               ``read_timeout_s``. Not retried (it may still be working).
 BalancerClosedError    503     the client or server is shutting down.
 =====================  ======  ==========================================================
 
@@ -46,6 +48,7 @@ __all__ = [
     "NoBackendError",
     "QueueFullError",
     "QueueTimeoutError",
+    "UpstreamTimeoutError",
     "openai_error",
 ]
 
@@ -119,3 +122,9 @@ class BalancerClosedError(BalancerError):
     status_code = 503
     error_type = "unavailable_error"
     code = "balancer_closed"
+
+
+class UpstreamTimeoutError(BalancerError):
+    status_code = 504
+    error_type = "timeout_error"
+    code = "upstream_timeout"

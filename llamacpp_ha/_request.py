@@ -10,7 +10,7 @@ from ._errors import BadRequestError
 from ._prompt import NO_PROMPT, PromptShape, prompt_shape
 from ._routes import Route
 
-__all__ = ["RequestFacts", "parse_request"]
+__all__ = ["RequestFacts", "check_json_body", "parse_request"]
 
 # llama-server accepts ``n`` up to its slot count; far beyond any fleet's is a mistake.
 _MAX_N = 128
@@ -27,6 +27,8 @@ class RequestFacts:
     pin: str | None = None
     """An explicit conversation pin (``X-Session-Id`` header or ``user`` field), or None."""
     prompt: PromptShape = NO_PROMPT
+    body: bytes | None = None
+    """A rewritten body to send instead of the caller's, or None to send it as it came."""
 
 
 def parse_request(
@@ -58,7 +60,33 @@ def parse_request(
         stream=stream is True,
         pin=pin,
         prompt=prompt_shape(route.kind, payload, model, block_bytes, max_blocks),
+        body=_without_slot_pin(payload),
     )
+
+
+def _without_slot_pin(payload: dict[str, Any]) -> bytes | None:
+    """The body without ``id_slot``, when it has one.
+
+    A slot id pins a slot on whichever backend the balancer picks, not one the caller chose: a
+    busy pinned slot makes llama-server defer the request beside idle ones, which is the waiting
+    we exist to prevent. llama-server's own choice (the idle slot holding the longest prefix)
+    keeps what pinning was for. Re-serializing costs a little, and only such requests pay it.
+    """
+    if "id_slot" not in payload:
+        return None
+    return json.dumps({k: v for k, v in payload.items() if k != "id_slot"}, ensure_ascii=False).encode()
+
+
+def check_json_body(body: bytes) -> None:
+    """Requests that take no slot still get a 400 for a body that is not a JSON object."""
+    try:
+        payload = json.loads(body) if body else None
+    except RecursionError:
+        raise BadRequestError("The request body is nested too deeply.") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequestError("The request body must be a JSON object.")
 
 
 def _encodable(text: str) -> bool:

@@ -75,6 +75,8 @@ class BackendSnapshot(BaseModel):
     url: str
     state: BackendState
     reason: str
+    routable: bool
+    """Healthy with at least one slot: requests may be sent to it (the one notion of routable)."""
     sleeping: bool
     capacity: int
     in_flight: int
@@ -121,6 +123,7 @@ def snapshot_backend(backend: Backend, index_blocks: int = 0) -> BackendSnapshot
         url=backend.display_url,
         state=backend.state,
         reason=backend.reason,
+        routable=backend.routable,
         sleeping=backend.sleeping,
         capacity=backend.capacity,
         in_flight=backend.in_flight,

@@ -10,9 +10,9 @@ import httpx2
 from ._backend import Backend, BackendState
 from ._balancer import Balancer
 from ._config import BalancerConfig
-from ._errors import BalancerError, NoBackendError
+from ._errors import BadRequestError, BalancerError, NoBackendError, UpstreamTimeoutError
 from ._leases import Lease
-from ._request import parse_request
+from ._request import check_json_body, parse_request
 from ._routes import Route, route_for
 from ._stream import LeasedStream
 
@@ -84,6 +84,12 @@ class HATransport(httpx2.AsyncBaseTransport):
         try:
             if route is not None and route.takes_slot:
                 return await self._forward_leased(request, route)
+            if route is not None:
+                try:
+                    check_json_body(await request.aread())
+                except BadRequestError:
+                    self.balancer.stats.bad_requests += 1
+                    raise
             if request.method == "GET" and path in _MODEL_PATHS:
                 if not self.balancer.model_ids():
                     await self.balancer.start()
@@ -102,6 +108,8 @@ class HATransport(httpx2.AsyncBaseTransport):
             balancer.stats.bad_requests += 1
             raise
         balancer.stats.requests += 1
+        if facts.body is not None:
+            body = facts.body
         excluded: set[str] = set()
         # A retried request keeps its place in the queue and its original deadline.
         seq = balancer.queue.next_seq()
@@ -123,6 +131,16 @@ class HATransport(httpx2.AsyncBaseTransport):
                 lease.release()
                 self._note_failure(backend, exc)
                 failures.append(f"{backend.name}: {type(exc).__name__}")
+            except httpx2.ReadTimeout:
+                # It took the request and went silent: it may still be working on it, so no retry,
+                # and its slot counts as busy until a poll says otherwise.
+                lease.release()
+                backend.external += 1
+                backend.errors += 1
+                raise UpstreamTimeoutError(
+                    f"The backend {backend.name} accepted the request and sent nothing for "
+                    f"{self._read_timeout_s(request):g} s."
+                ) from None
             except BaseException:
                 lease.release()
                 if not facts.stream:
@@ -214,8 +232,15 @@ class HATransport(httpx2.AsyncBaseTransport):
         extensions = dict(request.extensions)
         timeout = dict(extensions.get("timeout") or {})
         timeout["connect"] = self.balancer.config.connect_timeout_s
+        timeout["read"] = self._read_timeout_s(request)
         extensions["timeout"] = timeout
         return httpx2.Request(request.method, url, headers=headers, content=body, extensions=extensions)
+
+    def _read_timeout_s(self, request: httpx2.Request) -> float:
+        """``read_timeout_s``, or the caller's own read timeout when that is shorter."""
+        read = (request.extensions.get("timeout") or {}).get("read")
+        limit = self.balancer.config.read_timeout_s
+        return min(float(read), limit) if read is not None else limit
 
     def _note_failure(self, backend: Backend, exc: Exception) -> None:
         backend.errors += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import openai
@@ -169,3 +170,15 @@ async def test_consumer_cancelled_while_waiting_for_a_non_stream_response(sims: 
     await assert_all_slots_free(http, sim.url)
     await eventually(lambda: http.balancer.snapshot().backends[0].free == 1)
     assert sim.app.pool.peak_deferred == 0
+
+
+async def test_a_backend_that_goes_silent_gets_504_and_its_slot_back(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=2)  # a non-stream answer of 100 tokens takes 50 s
+    http, client = clients(fleet_config(sim, read_timeout_s=0.5))
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=chat("hi"), max_tokens=100)
+    assert caught.value.status_code == 504
+    assert caught.value.body["code"] == "upstream_timeout"  # type: ignore[index]
+    assert time.monotonic() - started < 5
+    assert http.balancer.snapshot().in_flight == 0

@@ -303,3 +303,25 @@ async def test_user_info_in_a_backend_url_becomes_basic_auth_and_never_shows() -
     assert all(r.url.userinfo == b"" for r in seen)
     assert {r.headers["authorization"] for r in seen} == {"Basic YWRtaW46cHc="}
     assert snapshot.backends[0].url == "http://***@gpu1:8080"
+
+
+async def test_id_slot_is_stripped_so_a_pinned_busy_slot_cannot_defer_a_request(client_for: Client) -> None:
+    fleet = MockFleet.of("gpu1")
+    client = client_for(fleet)
+    response = await client.post("/v1/chat/completions", json={**CHAT, "id_slot": 1, "temperature": 0.5})
+    assert response.status_code == 200
+    (sent,) = fleet.requests
+    assert json.loads(sent.content) == {**CHAT, "temperature": 0.5}
+    raw = b'{"model":"tiny-random-llama",   "messages":[{"role":"user","content":"hi"}]}'
+    await client.post("/v1/chat/completions", content=raw)
+    assert fleet.requests[1].content == raw  # untouched, byte for byte, without id_slot
+
+
+async def test_a_slotless_route_with_a_bad_body_is_400_without_a_backend(client_for: Client) -> None:
+    fleet = MockFleet.of("gpu1")
+    client = client_for(fleet)
+    response = await client.post("/tokenize", content=b"{bad")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert fleet.requests == []
+    assert (await client.post("/tokenize", json={"content": "hi"})).status_code == 200

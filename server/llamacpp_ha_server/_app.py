@@ -100,7 +100,7 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
         if context.state.draining:
             return _json(503, {"status": "draining", "in_flight": context.state.in_flight})
         backends = balancer.snapshot().backends
-        routable = [b.name for b in backends if b.state == "healthy" and b.capacity > 0]
+        routable = [b.name for b in backends if b.routable]
         if routable:
             return _json(200, {"status": "ok", "routable": routable, "backends": len(backends)})
         reason = "; ".join(f"{b.name}: {b.state} ({b.reason})" for b in backends)
