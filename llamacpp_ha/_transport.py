@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from ._routes import Route, route_for
 from ._stream import LeasedStream
 
 __all__ = ["HATransport", "RouteInfo"]
+
+logger = logging.getLogger("llamacpp_ha")
 
 BACKEND_HEADER = "x-llamacpp-ha-backend"
 _MODEL_PATHS = frozenset({"/v1/models", "/models"})
@@ -127,10 +130,6 @@ class HATransport(httpx2.AsyncBaseTransport):
                 response = await self._send(request, backend, body)
                 # Inside the guarded block: a failed or cancelled body read gives the slot back too.
                 loading = response.status_code == 503 and await _is_loading(response)
-            except _RETRYABLE as exc:
-                lease.release()
-                self._note_failure(backend, exc)
-                failures.append(f"{backend.name}: {type(exc).__name__}")
             except httpx2.ReadTimeout:
                 # It took the request and went silent: it may still be working on it, so no retry,
                 # and its slot counts as busy until a poll says otherwise.
@@ -141,6 +140,16 @@ class HATransport(httpx2.AsyncBaseTransport):
                     f"The backend {backend.name} accepted the request and sent nothing for "
                     f"{self._read_timeout_s(request):g} s."
                 ) from None
+            except Exception as exc:
+                # Whatever failed, nothing reached the caller yet: another backend may serve it.
+                # (Classified by where it happened, not by type: under backend kills the HTTP
+                # stack has surfaced errors outside httpx's own hierarchy.)
+                lease.release()
+                self._note_failure(backend, exc)
+                failures.append(f"{backend.name}: {type(exc).__name__}")
+                if not isinstance(exc, _RETRYABLE):
+                    logger.warning("sending to %s failed unexpectedly; trying another backend", backend.name,
+                                   exc_info=exc)  # fmt: skip
             except BaseException:
                 lease.release()
                 if not facts.stream:

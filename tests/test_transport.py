@@ -325,3 +325,20 @@ async def test_a_slotless_route_with_a_bad_body_is_400_without_a_backend(client_
     assert response.json()["error"]["code"] == "invalid_request"
     assert fleet.requests == []
     assert (await client.post("/tokenize", json={"content": "hi"})).status_code == 200
+
+
+async def test_any_failure_before_the_first_byte_moves_the_request_to_another_backend(client_for: Client) -> None:
+    # Seen under backend kills: an error from the HTTP stack outside httpx's own hierarchy.
+    fleet = MockFleet.of("gpu1", "gpu2")
+    client = client_for(fleet)
+
+    def broken(request: httpx2.Request) -> httpx2.Response:
+        raise AttributeError("'NoneType' object has no attribute 'send'")
+
+    fleet.backends["gpu1"].inference = broken
+    fleet.backends["gpu2"].inference = lambda request: httpx2.Response(200, json={"ok": True})
+    for _ in range(4):
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200
+        assert response.headers["x-llamacpp-ha-backend"] == "gpu2"
+    assert balancer_of(client).balancer.snapshot().in_flight == 0
