@@ -78,6 +78,8 @@ class Backend:
         self.free = 0
         """Free slots now: derived, kept current by the setters below (the scheduler reads it per backend)."""
         self.reason = "not polled yet"
+        self.state_since = time.monotonic()
+        """When the backend entered its current state."""
         self.sleeping = False
         self.slots_endpoint = True
         self.observed_busy: int | None = None
@@ -196,6 +198,7 @@ class Backend:
         logger.log(level, "backend %s (%s): %s -> %s: %s", self.name, self.display_url, self.state, state, reason)
         if state is BackendState.HEALTHY:
             self.generation += 1
+        self.state_since = time.monotonic()
         self.state = state
 
     def begin_poll(self) -> None:

@@ -16,7 +16,9 @@ from ._config import BalancerConfig
 from ._display import render_html, render_text
 from ._errors import (
     BalancerClosedError,
+    ContextLengthError,
     ModelNotFoundError,
+    NoBackendError,
     QueueFullError,
     QueueTimeoutError,
 )
@@ -28,7 +30,10 @@ from ._request import RequestFacts
 from ._scheduler import Scheduler, SchedulerSettings
 from ._stats import BalancerSnapshot, Stats, snapshot_backend, snapshot_counters
 
-__all__ = ["Balancer"]
+__all__ = ["CONTEXT_MARGIN", "Balancer"]
+
+CONTEXT_MARGIN = 0.25
+"""How far below the learned tokens-per-character a prompt may be and still be refused as too long."""
 
 logger = logging.getLogger("llamacpp_ha")
 
@@ -204,6 +209,8 @@ class Balancer:
         if self._closed:
             raise BalancerClosedError("The balancer is closed.")
         model = self.resolve_model(facts.model)
+        if not excluded:
+            self._check_servable(model, facts)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         deadline = deadline if deadline is not None else now + self.config.queue_timeout_s
@@ -247,6 +254,37 @@ class Balancer:
                 raise
         self.stats.record_wait(time.monotonic() - now)
         return future.result()
+
+    def _check_servable(self, model: str | None, facts: RequestFacts) -> None:
+        """Fail at once what waiting cannot fix: every backend down, or a prompt too long for all."""
+        serving = [b for b in self.backends if b.serves(model)]
+        if not serving or any(b.routable for b in serving):
+            self._check_context(serving, model, facts)
+            return
+        now = time.monotonic()
+        grace = self.config.down_grace_s
+        for backend in serving:
+            if backend.state is not BackendState.DEAD or now - backend.state_since < grace:
+                return  # loading, not polled yet, or just died: a restart may be under way
+        self.stats.no_backend += 1
+        reasons = "; ".join(f"{b.name}: {b.state} ({b.reason})" for b in serving)
+        raise NoBackendError(f"No backend can serve {model or 'this request'} now: {reasons}.")
+
+    def _check_context(self, serving: list[Backend], model: str | None, facts: RequestFacts) -> None:
+        cost = self.scheduler.cost
+        contexts = [b.n_ctx for b in serving if b.routable]
+        if not contexts or None in contexts or not cost.learned_tokens_per_char(model):
+            return
+        largest = max(c for c in contexts if c is not None)
+        # The estimate comes from a learned average: refuse only when even 25% fewer tokens per
+        # character than average would not fit, so a prompt near the limit still goes through.
+        low = facts.prompt.chars * cost.tokens_per_char(model) * (1 - CONTEXT_MARGIN)
+        if low > largest:
+            self.stats.bad_requests += 1
+            raise ContextLengthError(
+                f"The prompt is about {low / (1 - CONTEXT_MARGIN):.0f} tokens, more than the context of "
+                f"every backend serving {model or 'it'} (at most {largest} per slot)."
+            )
 
     def _give_up(self, waiter: Waiter) -> None:
         future = waiter.future

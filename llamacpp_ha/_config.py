@@ -97,6 +97,9 @@ class BalancerConfig(BaseSettings):
     ram_cache_tokens: int = Field(default=65_536, ge=0)
     """Prompt tokens a backend keeps in its RAM prompt cache (llama-server ``--cache-ram``; 8 GiB
     holds about 65k tokens of an 8B model), on top of slots x context."""
+    down_grace_s: float = Field(default=15.0, ge=0)
+    """A request for a model whose every backend is dead fails at once with 503, unless one of them
+    is loading or died less than this long ago (a rolling restart): then it waits in the queue."""
     allow_unknown_models: bool = False
     """Send a model no backend lists to any backend (llama-server ignores the name) instead of 404."""
 

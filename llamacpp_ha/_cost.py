@@ -40,6 +40,10 @@ class CostModel:
             ratio = self._tokens_per_char.get(None, DEFAULT_TOKENS_PER_CHAR)
         return ratio
 
+    def learned_tokens_per_char(self, model: str | None) -> bool:
+        """Whether responses taught us the ratio (for this model, or any)."""
+        return model in self._tokens_per_char or None in self._tokens_per_char
+
     def prefill_rate(self, backend: Backend) -> float:
         if backend.prefill_rate is not None:
             return backend.prefill_rate

@@ -10,6 +10,8 @@ BadRequestError        400     body is not JSON, lacks ``messages``/``prompt``, 
                                has the wrong shape (``param`` names it); no backend was
                                contacted. Not retried.
 ModelNotFoundError     404     no backend lists the model; the message lists those that do.
+ContextLengthError     400     the prompt is clearly longer than the context of every backend
+                               that serves the model (``context_length_exceeded``).
 QueueFullError         429     ``max_queue`` requests already wait. ``retry-after-ms`` says
                                when to come back.
 QueueTimeoutError      503     waited ``queue_timeout_s`` without a free slot.
@@ -44,6 +46,7 @@ __all__ = [
     "BadRequestError",
     "BalancerClosedError",
     "BalancerError",
+    "ContextLengthError",
     "ModelNotFoundError",
     "NoBackendError",
     "QueueFullError",
@@ -128,3 +131,9 @@ class UpstreamTimeoutError(BalancerError):
     status_code = 504
     error_type = "timeout_error"
     code = "upstream_timeout"
+
+
+class ContextLengthError(BalancerError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "context_length_exceeded"

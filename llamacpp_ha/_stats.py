@@ -27,6 +27,8 @@ class Stats:
     bad_requests: int = 0
     models_not_found: int = 0
     failovers_exhausted: int = 0
+    no_backend: int = 0
+    """Requests refused at once because every backend that serves their model was down."""
     stream_failures: int = 0
     """Responses cut off by the backend after they started."""
     expired_leases: int = 0
@@ -59,6 +61,7 @@ class Counters(BaseModel):
     bad_requests: int
     models_not_found: int
     failovers_exhausted: int
+    no_backend: int
     stream_failures: int
     expired_leases: int
     queue_wait_total_s: float

@@ -90,6 +90,17 @@ class LeasedStream(httpx2.AsyncByteStream):
         tail = self._tail + chunk if len(chunk) < _TAIL_BYTES else chunk
         self._tail = tail[-_TAIL_BYTES:]
 
+    @property
+    def timings(self) -> Timings | None:
+        """What the backend reported of its prompt processing, once the body is finished."""
+        return self._lease.timings
+
+    @property
+    def ttft_s(self) -> float | None:
+        """From dispatch to the backend's first body bytes."""
+        first = self._lease.first_byte_at
+        return None if first is None else first - self._lease.acquired_at
+
     async def aclose(self) -> None:
         if self._closed:
             return

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -15,6 +15,8 @@ from ._config import BalancerConfig
 from ._transport import HATransport
 
 __all__ = ["HASyncClient", "SyncHATransport", "ha_sync_client"]
+
+T = TypeVar("T")
 
 
 class SyncHATransport(httpx2.BaseTransport):
@@ -42,7 +44,7 @@ class SyncHATransport(httpx2.BaseTransport):
         async_request = httpx2.Request(
             request.method, request.url, headers=request.headers, content=body, extensions=request.extensions
         )
-        response = self._portal.call(self._transport.handle_async_request, async_request)
+        response = _call(self._portal, self._transport.handle_async_request, async_request)
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
@@ -73,13 +75,32 @@ class _BlockingStream(httpx2.SyncByteStream):
         chunks = stream.__aiter__()
         while True:
             try:
-                yield self._portal.call(_next, chunks)
+                yield _call(self._portal, _next, chunks)
             except StopAsyncIteration:
                 return
 
     def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # the portal is already gone
             self._portal.call(self._response.aclose)
+
+
+def _call(portal: BlockingPortal, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``portal.call``, except that an interrupt of the waiting thread (Ctrl-C) cancels the work.
+
+    With ``portal.call`` a KeyboardInterrupt abandons only the wait: the request stays queued, then
+    holds a slot that nobody reads. Here the task is cancelled (leaving the queue, or closing the
+    backend connection), and a response that arrived in the same instant is closed.
+    """
+    future = portal.start_task_soon(func, *args)
+    try:
+        return future.result()
+    except BaseException:
+        if not future.cancel() and future.done() and not future.cancelled() and future.exception() is None:
+            result = future.result()
+            if isinstance(result, httpx2.Response):
+                with contextlib.suppress(Exception):
+                    portal.call(result.aclose)
+        raise
 
 
 async def _next(chunks: AsyncIterator[bytes]) -> bytes:

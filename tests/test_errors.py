@@ -115,3 +115,50 @@ async def test_max_queue_zero_still_serves_free_slots(sims: Sims, clients: Clien
         await client.chat.completions.create(model=MODEL, messages=chat("b"), max_tokens=2)
     assert http.balancer.snapshot().queue_depth == 0
     await blocker.close()
+
+
+async def test_every_backend_down_fails_fast_and_says_why() -> None:
+    import time
+
+    from llamacpp_ha import HATransport
+
+    from .mock_fleet import MockFleet
+
+    fleet = MockFleet.of("gpu1", "gpu2")
+    for backend in fleet.backends.values():
+        backend.reachable = False
+    for grace, expected in ((0.0, "no_backend_available"), (60.0, "queue_timeout")):
+        config = fleet.config(down_grace_s=grace, queue_timeout_s=0.5)
+        transport = HATransport(config, upstream=fleet.transport())
+        async with httpx2.AsyncClient(transport=transport, base_url="http://x") as client:
+            await transport.balancer.start()
+            started = time.monotonic()
+            response = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            waited = time.monotonic() - started
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert error["code"] == expected
+        if grace == 0:  # dead for longer than the grace period: at once, with each backend's reason
+            assert waited < 0.3
+            assert "gpu1: dead" in error["message"]
+            assert "ConnectError" in error["message"]
+        else:  # just died: a restart may be under way, so it waits its turn
+            assert waited >= 0.5
+    assert fleet.requests == []
+
+
+async def test_a_prompt_longer_than_every_context_is_refused_without_a_slot(sims: Sims, clients: Clients) -> None:
+    sim = sims(slots=1, n_ctx=256)
+    http, client = clients(fleet_config(sim))
+    # One answer teaches the balancer this model's tokens per character.
+    await client.chat.completions.create(model=MODEL, messages=chat("hello there " * 10), max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=chat("hello there " * 400), max_tokens=2)
+    assert error_of(caught.value)["code"] == "context_length_exceeded"
+    assert sim.app.inference_requests == 1
+    assert http.balancer.snapshot().in_flight == 0
+    # A prompt near the limit is not refused by the estimate: the backend has the last word.
+    near = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=chat("hello there " * 30), max_tokens=2
+    )
+    assert near.status_code == 200

@@ -101,3 +101,32 @@ def test_interpreter_exit_never_hangs(sims: Sims) -> None:
     assert result.stdout.strip() == "streaming"
     assert time.monotonic() - started < 20
     wait_until(lambda: busy_slots(sim.url) == 0)  # the finalizer closed the stream: the backend stopped
+
+
+def test_ctrl_c_while_queued_cancels_the_request_not_just_the_wait(sims: Sims) -> None:
+    import signal
+
+    sim = sims(slots=1, decode_tokens_per_s=50)
+    config = BalancerConfig(backends=[BackendConfig(url=sim.url)], poll_interval_s=0.2)
+    with ha_sync_client(config) as http:
+        client = OpenAI(base_url="http://llamacpp-ha/v1", api_key="unused", http_client=http, max_retries=0)
+        with client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=200, stream=True) as blocker:
+            next(iter(blocker))  # the only slot is taken
+
+            def interrupt(signum: int, frame: object) -> None:
+                raise KeyboardInterrupt
+
+            previous = signal.signal(signal.SIGALRM, interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    client.chat.completions.create(model=MODEL, messages=chat("b"), max_tokens=5)  # queued
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+            wait_until(lambda: http.balancer.snapshot().queue_depth == 0)
+        wait_until(lambda: http.balancer.snapshot().in_flight == 0)
+        # Nothing was left queued to take the slot behind our back: the next request gets it.
+        assert client.chat.completions.create(model=MODEL, messages=chat("c"), max_tokens=2).choices
+        wait_until(lambda: busy_slots(sim.url) == 0)
+        assert sim.app.inference_requests == 2

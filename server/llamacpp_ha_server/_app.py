@@ -110,6 +110,10 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
     async def models() -> Response:
         return _json(200, balancer.models_payload())
 
+    @app.get("/")
+    async def root() -> Response:
+        return Response(status_code=307, headers={"location": "/monitor"})
+
     @app.get("/monitor")
     async def monitor() -> Response:
         return Response(monitor_page(), media_type="text/html; charset=utf-8")

@@ -12,7 +12,7 @@ __all__ = ["ApiKeyMiddleware", "key_name"]
 _KEY_NAME = "llamacpp_ha.key_name"
 # The monitor's HTML holds no data (it asks for a key and fetches /monitor/data with it), so a
 # browser must be able to load it without one.
-_ALWAYS_PUBLIC = frozenset({"/monitor"})
+_ALWAYS_PUBLIC = frozenset({"/", "/monitor"})
 
 
 def key_name(scope: Scope) -> str:

@@ -20,6 +20,7 @@ from llamacpp_ha import BackendConfig
 
 from ._app import ServerContext, create_app
 from ._config import ServerConfig, ServerSettings
+from ._logging import configure_logging
 from ._proxy import ServerState
 
 __all__ = ["DrainingServer", "main"]
@@ -88,11 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--demo", action="store_true", help="start simulated llama-servers in-process and a demo load")
     parser.add_argument("--host", help="overrides server.host")
     parser.add_argument("--port", type=int, help="overrides server.port")
-    parser.add_argument("--demo-backends", type=int, default=3)
-    parser.add_argument("--demo-slots", type=int, default=2)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--demo-backends", type=int, default=3, help="simulated llama-servers in --demo (default 3)")
+    parser.add_argument("--demo-slots", type=int, default=2, help="slots of each simulated llama-server (default 2)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="info: one line per request and per backend state change; debug adds every poll",
+    )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
 
     with contextlib.ExitStack() as stack:
         if args.demo:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ from ._errors import send_error
 from ._metrics import ServerMetrics
 
 __all__ = ["ProxyEndpoint", "ServerState"]
+
+access_log = logging.getLogger("llamacpp_ha.access")
 
 # The proxy's own key must not reach a backend (each backend's key comes from the config).
 _DROPPED_REQUEST_HEADERS = frozenset({b"host", b"authorization", b"x-api-key", b"connection", b"keep-alive"})
@@ -137,13 +140,15 @@ class ProxyEndpoint:
                     # uvicorn reports http.disconnect once the response is complete: not a client leaving.
                     completed.set()
                     self._metrics.observe_request(info, status, key_name(scope))
+                    _log_access(scope, status, info, stream, started)
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 finally:
                     await response.aclose()
                 watchers.cancel_scope.cancel()
         if cancel_on_disconnect.cancelled_caught and not completed.is_set():
-            # 499 is nginx's "client closed request", for the metrics only.
+            # 499 is nginx's "client closed request", for the metrics and the log only.
             self._metrics.observe_request(info, 499, key_name(scope))
+            _log_access(scope, 499, info, None, started)
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope, completed: anyio.Event) -> None:
@@ -153,3 +158,27 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope, comp
             if not completed.is_set():
                 scope.cancel()
             return
+
+
+def _log_access(scope: Scope, status: int, info: RouteInfo | None, stream: object, started: float) -> None:
+    """One line per proxied request: what was asked, where it went, how long it took, what was cached."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    timings = getattr(stream, "timings", None)
+    fields = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "model": info.model if info else None,
+        "backend": info.backend if info else None,
+        "queued_ms": round(info.queued_s * 1000) if info else None,
+        "ttft_ms": round(ttft * 1000) if (ttft := getattr(stream, "ttft_s", None)) is not None else None,
+        "total_ms": round((time.perf_counter() - started) * 1000),
+        "prompt_tokens": timings.cache_n + timings.prompt_n if timings else None,
+        "cached_tokens": timings.cache_n if timings else None,
+        "affinity": info.affinity if info else None,
+        "attempts": info.attempts if info else None,
+        "key": key_name(scope),
+    }
+    text = " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
+    access_log.info(text, extra=fields)
