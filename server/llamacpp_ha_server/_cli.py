@@ -20,6 +20,7 @@ from llamacpp_ha import BackendConfig
 
 from ._app import ServerContext, create_app
 from ._config import ServerConfig, ServerSettings
+from ._http import http_protocol
 from ._logging import configure_logging
 from ._proxy import ServerState
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         context: ServerContext = app.state.llamacpp_ha
         uv_config = uvicorn.Config(
             app, host=config.server.host, port=config.server.port, log_level=args.log_level, access_log=False,
-            timeout_graceful_shutdown=1,
+            timeout_graceful_shutdown=1, http=http_protocol(),
         )  # fmt: skip
         server = DrainingServer(uv_config, context.state, config.server.drain_timeout_s)
         if args.demo:
