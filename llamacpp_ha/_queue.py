@@ -96,6 +96,8 @@ class WaitQueue:
         self._parked_count: dict[str, int] = {}
         self._patience: list[tuple[float, int, Waiter]] = []
         self._behind: dict[int, list[Waiter]] = {}
+        self._unclocked: list[Waiter] = []
+        """Parked while no slot was free anywhere: their patience starts once a slot is free unused."""
         """Parked waiters that wait for one running request to finish (its slot holds their prefix)."""
         self._seq = itertools.count()
         self._pushes = itertools.count()
@@ -111,7 +113,8 @@ class WaitQueue:
     def entries(self) -> int:
         """Entries held, live and dead (memory, for tests)."""
         heaps = sum(len(q) for q in self._fifo.values()) + sum(len(q) for q in self._parked.values())
-        return heaps + len(self._retries) + len(self._patience) + sum(len(q) for q in self._behind.values())
+        behind = sum(len(q) for q in self._behind.values())
+        return heaps + len(self._retries) + len(self._patience) + behind + len(self._unclocked)
 
     def push(self, waiter: Waiter) -> None:
         waiter.state = WaiterState.QUEUED
@@ -151,8 +154,11 @@ class WaitQueue:
         if waiter.excluded and waiter in self._retries:
             self._retries.remove(waiter)
 
-    def park(self, waiter: Waiter, backend: str, saving_s: float, until: float, *, behind: int | None = None) -> None:
-        """A head waits for ``backend`` until ``until`` at the latest.
+    def park(
+        self, waiter: Waiter, backend: str, saving_s: float, until: float | None, *, behind: int | None = None
+    ) -> None:
+        """A waiter waits for ``backend`` until ``until`` at the latest (None: until a slot elsewhere
+        is free and unused, see :meth:`start_patience`).
 
         With ``behind`` (a running request's id) it waits for that request to finish first: its
         slot holds the prefix, and only then does a slot of that backend serve it.
@@ -169,7 +175,21 @@ class WaitQueue:
         else:
             self._behind.setdefault(behind, []).append(waiter)
         self._parked_count[backend] = self._parked_count.get(backend, 0) + 1
-        heapq.heappush(self._patience, (until, waiter.seq, waiter))
+        if until is None:
+            self._unclocked.append(waiter)
+        else:
+            heapq.heappush(self._patience, (until, waiter.seq, waiter))
+
+    def start_patience(self, until: float) -> None:
+        """Slots are free and unused: waiters parked while nothing was free start counting now."""
+        for waiter in self._unclocked:
+            if waiter.state is WaiterState.PARKED:
+                heapq.heappush(self._patience, (min(until, waiter.deadline), waiter.seq, waiter))
+        self._unclocked.clear()
+
+    @property
+    def unclocked(self) -> bool:
+        return bool(self._unclocked)
 
     def finished(self, request: int) -> None:
         """A running request finished: the waiters behind it now wait for a slot of its backend."""
@@ -248,6 +268,7 @@ class WaitQueue:
         self._patience = [e for e in self._patience if e[2].state is WaiterState.PARKED]
         heapq.heapify(self._patience)
         self._retries = [w for w in self._retries if w.state is WaiterState.QUEUED]
+        self._unclocked = [w for w in self._unclocked if w.state is WaiterState.PARKED]
         behind: dict[int, list[Waiter]] = {}
         for key, waiters in self._behind.items():
             still = [waiter for waiter in waiters if waiter.state is WaiterState.PARKED]
@@ -262,6 +283,7 @@ class WaitQueue:
         waiters |= {id(e[2]): e[2] for q in self._parked.values() for e in q}
         waiters |= {id(w): w for w in self._retries}
         waiters |= {id(w): w for q in self._behind.values() for w in q}
+        waiters |= {id(w): w for w in self._unclocked}
         live = [waiter for waiter in waiters.values() if waiter.waiting]
         for waiter in live:
             self._leave(waiter)
@@ -271,6 +293,7 @@ class WaitQueue:
         self._patience.clear()
         self._retries.clear()
         self._behind.clear()
+        self._unclocked.clear()
         self._waiting = 0
         self._dead = 0
         return sorted(live, key=lambda waiter: waiter.seq)

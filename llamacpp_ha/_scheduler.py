@@ -153,6 +153,8 @@ class Scheduler:
                 self._serve_parked(free, now)
         if free:
             self._serve_in_order(free, now)
+        if free and self._queue.unclocked:
+            self._queue.start_patience(now + self.settings.patience_max_s)
         self._arm_timer()
 
     def _serve_parked(self, free: list[Backend], now: float) -> None:
@@ -235,9 +237,9 @@ class Scheduler:
         if plan is None:
             return
         held, behind, saving_s = plan
-        until = min(now + self.settings.patience_max_s, waiter.deadline)
-        self._queue.park(waiter, held.backend.name, saving_s, until, behind=behind)
-        self._arm_timer()
+        # No clock yet: waiting costs it nothing while no slot is free anywhere. Its patience
+        # starts when a slot it could have had stays free (see dispatch).
+        self._queue.park(waiter, held.backend.name, saving_s, None, behind=behind)
 
     # -- the cost decision ------------------------------------------------------------------
 
