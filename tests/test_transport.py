@@ -342,3 +342,22 @@ async def test_any_failure_before_the_first_byte_moves_the_request_to_another_ba
         assert response.status_code == 200
         assert response.headers["x-llamacpp-ha-backend"] == "gpu2"
     assert balancer_of(client).balancer.snapshot().in_flight == 0
+
+
+async def test_back_to_back_streams_survive_llama_servers_closed_connections() -> None:
+    # The simulated llama-server closes the TCP connection after each stream, as the real one does;
+    # the pooled connection fails before the request reaches it, and is retried on the same backend.
+    from llamacpp_ha import ha_client
+    from llamacpp_ha.sim import SimServer
+
+    with SimServer(slots=2) as sim:
+        config = BalancerConfig(backends=[BackendConfig(url=sim.url)])
+        async with ha_client(config) as client:
+            for i in range(20):
+                body = {**CHAT, "stream": True, "max_tokens": 3, "seed": i}
+                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    assert response.status_code == 200
+                    text = "".join([chunk async for chunk in response.aiter_text()])
+                assert text.rstrip().endswith("data: [DONE]")
+                assert response.extensions["llamacpp_ha"].attempts == 1
+        assert sim.app.inference_requests == 20

@@ -8,6 +8,7 @@ import sys
 
 from ._app import SimulatedLlamaServer
 from ._config import PROFILES, SimConfig
+from ._http import http_protocol
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
         date_header=False,
         access_log=False,
+        http=http_protocol(config.close_after_stream),
     )
     return 0
 

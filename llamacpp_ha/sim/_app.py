@@ -66,8 +66,8 @@ class SimulatedLlamaServer:
     Faithful in what a load balancer sees: paths, JSON shapes, SSE framing, error bodies,
     the loading phase, API keys, ``/slots`` busy flags, requests deferred inside the server
     (counted in ``/metrics``), a per-slot prompt cache reported in ``timings.cache_n``, and
-    decode speed falling as streams share the server. Simplified: tokens are words, ``n > 1``
-    shares one slot, and the TCP connection is kept after a stream (the real server closes it).
+    decode speed falling as streams share the server, and the connection closed after each stream.
+    Simplified: tokens are words, ``n > 1`` shares one slot.
     """
 
     def __init__(self, config: SimConfig | None = None, **overrides: Any) -> None:

@@ -53,6 +53,9 @@ class SimConfig(BaseModel):
     disconnect_check_s: float = Field(default=1.0, ge=0)
     """How late a non-streaming request notices its client left (llama-server polls once a second)."""
     build_info: str = "b11312-0c1e570"
+    close_after_stream: bool = True
+    """Close the TCP connection after each streamed response, as llama-server does (its headers
+    say keep-alive all the same)."""
 
     @classmethod
     def profile(cls, name: str, **overrides: Any) -> SimConfig:

@@ -15,6 +15,7 @@ from typing import Any, Self
 
 from ._app import SimulatedLlamaServer
 from ._config import SimConfig
+from ._http import http_protocol
 
 __all__ = ["SimProcess", "SimServer", "free_port"]
 
@@ -68,6 +69,7 @@ class SimServer:
             date_header=False,
             timeout_graceful_shutdown=1,
             access_log=False,
+            http=http_protocol(self.app.config.close_after_stream),
         )
         server = uvicorn.Server(config)
         self._server = server

@@ -47,6 +47,9 @@ async def test_the_page_has_no_external_assets(sims: Sims, serve: Serve) -> None
 async def test_the_page_shows_each_backend_in_chromium(sims: Sims, serve: Serve) -> None:
     assert CHROMIUM is not None
     server = serve(sims(slots=2), sims(slots=3), server={"api_keys": [{"key": "monitor-key", "name": "ops"}]})
+    body = {"model": "tiny-random-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx2.AsyncClient(base_url=server.url, headers={"authorization": "Bearer monitor-key"}) as http:
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
     with tempfile.TemporaryDirectory() as profile:
         command = [
             CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -61,3 +64,6 @@ async def test_the_page_shows_each_backend_in_chromium(sims: Sims, serve: Serve)
     assert len(re.findall(r'class="slot(?: ours| other)?"', dom)) == 5  # 2 + 3 slot boxes
     assert "tiny-random-llama.gguf" in dom
     assert "<polyline" in dom or "queue" in dom
+    # What routing expected beside what the backends reported, per backend and in the summary.
+    assert re.search(r'<td class="cache">\d+% \(\d+%\)</td>', dom), dom[-3000:]
+    assert "prompt from cache" in dom

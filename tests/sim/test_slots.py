@@ -110,3 +110,26 @@ async def test_the_gpu_profile_prefills_on_its_calibrated_curve() -> None:
     assert cold["timings"]["prompt_ms"] == pytest.approx(381, rel=0.25)
     assert warm["timings"]["cache_n"] >= 8_000
     assert warm["timings"]["prompt_ms"] < 60
+
+
+def test_the_connection_is_closed_after_a_stream_as_llama_server_does() -> None:
+    import socket
+
+    with SimServer(slots=1) as sim:
+        body = b'{"prompt": "hi", "n_predict": 3, "stream": true}'
+        for path, closes in ((b"/completion", True), (b"/health", False)):
+            with socket.create_connection(("127.0.0.1", sim.port), timeout=5) as sock:
+                is_stream = path == b"/completion"
+                method = b"POST" if is_stream else b"GET"
+                head = method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                sock.sendall(head + (b"Content-Length: %d\r\n\r\n" % len(body) + body if is_stream else b"\r\n"))
+                received = b""
+                while b"0\r\n\r\n" not in received and b'"ok"' not in received:
+                    received += sock.recv(65536)
+                assert b"keep-alive" in received.lower() or b"HTTP/1.1 200" in received
+                sock.settimeout(1.0)
+                try:
+                    rest = sock.recv(1)
+                except TimeoutError:
+                    rest = None  # still open
+                assert (rest == b"") is closes, path
