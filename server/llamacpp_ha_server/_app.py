@@ -77,7 +77,9 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
         metrics=ServerMetrics(balancer),
         history=MonitorHistory(balancer, config.server.monitor_history_s),
     )
-    proxy = ProxyEndpoint(transport, context.state, context.metrics, config.server.max_body_bytes)
+    proxy = ProxyEndpoint(
+        transport, context.state, context.metrics, config.server.max_body_bytes, config.server.body_timeout_s
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

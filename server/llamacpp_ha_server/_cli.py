@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         context: ServerContext = app.state.llamacpp_ha
         uv_config = uvicorn.Config(
             app, host=config.server.host, port=config.server.port, log_level=args.log_level, access_log=False,
-            timeout_graceful_shutdown=1, http=http_protocol(),
+            timeout_graceful_shutdown=1, ws="none",
+            http=http_protocol(header_timeout_s=config.server.header_timeout_s,
+                               max_connections=config.server.max_connections),
         )  # fmt: skip
         server = DrainingServer(uv_config, context.state, config.server.drain_timeout_s)
         if args.demo:

@@ -43,6 +43,13 @@ class ServerSettings(BaseModel):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight requests may take to finish before the server closes."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A request whose headers are not complete this long after its first byte gets 408 and its
+    connection closed (a slow-header client would otherwise hold a connection forever)."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest wait for the next piece of a request body; then 408."""
+    max_connections: int = Field(default=2048, ge=1)
+    """Open connections beyond this get 503 at once."""
     monitor_history_s: int = Field(default=600, ge=10)
     """How much history the monitor's charts keep, sampled once a second."""
 

@@ -63,11 +63,19 @@ class ProxyEndpoint:
     llama-server stops generating), and either way the slot is given back.
     """
 
-    def __init__(self, transport: HATransport, state: ServerState, metrics: ServerMetrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        transport: HATransport,
+        state: ServerState,
+        metrics: ServerMetrics,
+        max_body_bytes: int,
+        body_timeout_s: float = 30.0,
+    ) -> None:
         self._transport = transport
         self._state = state
         self._metrics = metrics
         self._max_body = max_body_bytes
+        self._body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._state.draining:
@@ -78,6 +86,10 @@ class ProxyEndpoint:
         except _BodyTooLarge:
             message = f"The request body is larger than {self._max_body} bytes."
             await send_error(send, 413, message, "invalid_request_error", "request_too_large")
+            return
+        except TimeoutError:
+            message = f"The request body stopped arriving for {self._body_timeout_s:g} s."
+            await send_error(send, 408, message, "invalid_request_error", "request_timeout")
             return
         if body is None:
             return  # the client left while sending
@@ -94,7 +106,8 @@ class ProxyEndpoint:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            with anyio.fail_after(self._body_timeout_s):
+                message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")

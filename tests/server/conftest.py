@@ -27,8 +27,10 @@ class AppServer:
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        settings = app.state.llamacpp_ha.config.server
+        protocol = http_protocol(header_timeout_s=settings.header_timeout_s, max_connections=settings.max_connections)
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, http=http_protocol()
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, http=protocol, ws="none"
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve(sockets=[sock])), daemon=True)
