@@ -78,7 +78,7 @@ class BalancerConfig(BaseSettings):
     read_timeout_s: float = Field(default=600.0, gt=0)
     """Longest a backend may send nothing (the wait for a non-stream answer included; the caller's
     own read timeout wins when shorter): then 504 ``upstream_timeout``, or an error event mid-stream."""
-    stream_idle_timeout_s: float = Field(default=600.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
     """A response body nobody has read from for this long is closed and its slot given back."""
     affinity_ttl_s: float = Field(default=1800.0, gt=0)
     """How long an explicit pin (``X-Session-Id`` header or ``user`` field) keeps its backend."""

@@ -39,8 +39,9 @@ class LeasedStream(httpx2.AsyncByteStream):
         self._sse = sse
         self._on_failure = on_failure
         self._closed = False
+        self._expired = False
         self._tail = b""
-        lease.closer = self.aclose
+        lease.closer = self.expire
         lease.reading = False
         lease.last_activity = lease.acquired_at if lease.first_byte_at is None else lease.last_activity
 
@@ -66,6 +67,12 @@ class LeasedStream(httpx2.AsyncByteStream):
                     chunk, pending = data[: cut + 2], data[cut + 2 :]
                 self._keep_tail(chunk)
                 yield chunk
+                if self._expired:
+                    # Cut by the idle deadline while the consumer was away: tell it, in the stream.
+                    if self._sse:
+                        yield _error_event(f"The response was closed after {self._idle_text}.", "stream_idle_timeout")
+                        return
+                    raise httpx2.ReadError(f"The response was closed after {self._idle_text}.")
                 lease.reading = True
             if pending:
                 self._keep_tail(pending)
@@ -80,8 +87,7 @@ class LeasedStream(httpx2.AsyncByteStream):
             # The caller already has a 200 and whole events: drop the half-received one and end
             # the way llama-server ends a stream that fails, so SDKs raise a clean API error.
             message = f"The backend {lease.backend.name} failed during the response: {type(exc).__name__}"
-            error = {"error": {"message": message, "type": "server_error", "code": "backend_failed"}}
-            yield b"data: " + json.dumps(error).encode() + b"\n\n"
+            yield _error_event(message, "backend_failed")
         finally:
             lease.reading = False
             await self.aclose()
@@ -101,6 +107,16 @@ class LeasedStream(httpx2.AsyncByteStream):
         first = self._lease.first_byte_at
         return None if first is None else first - self._lease.acquired_at
 
+    async def expire(self) -> None:
+        """Close it because the consumer stopped reading (the idle deadline): the slot goes back now,
+        and a consumer that comes back gets an error event, not a bare end of stream."""
+        self._expired = True
+        await self.aclose()
+
+    @property
+    def _idle_text(self) -> str:
+        return "nobody read it for the idle deadline (stream_idle_timeout_s)"
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -111,3 +127,9 @@ class LeasedStream(httpx2.AsyncByteStream):
             await asyncio.shield(self._upstream.aclose())
         finally:
             self._lease.release()
+
+
+def _error_event(message: str, code: str) -> bytes:
+    """An SSE event the way llama-server ends a stream that fails; SDKs raise an API error for it."""
+    error = {"error": {"message": message, "type": "server_error", "code": code}}
+    return b"data: " + json.dumps(error).encode() + b"\n\n"
