@@ -6,7 +6,6 @@ import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from ._affinity import AffinityTable
 from ._backend import Backend
@@ -31,13 +30,6 @@ _HOME_MARGIN = 0.25
 _TIE_S = 0.005
 _TIE_SHARE = 0.05
 """Predictions this close (5 ms, or 5%) are equal: then the least busy backend wins."""
-
-
-def _cold_need(waiter: Waiter, backend: Backend) -> int:
-    """Free slots a request with nothing cached on a backend needs there: its own, and one more
-    kept for requests whose prefix the backend holds (on backends of 3 slots or more)."""
-    own = min(waiter.weight, backend.capacity)
-    return min(own + 1, backend.capacity) if backend.capacity >= 3 else own
 
 
 def _shared_blocks(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
@@ -190,13 +182,9 @@ class Scheduler:
                 if not candidates:
                     continue
                 if self.settings.cost_aware:
-                    decided = self._decide(waiter, candidates, now)
-                    if decided == "wait":
-                        continue  # it stays in line; the heads behind it may go
-                    if decided == "parked":
-                        break  # look at the heads again
-                    assert isinstance(decided, Backend)
-                    backend = decided
+                    backend = self._decide(waiter, candidates, now)
+                    if backend is None:
+                        break  # parked: look at the heads again
                 else:
                     backend = self._policy.choose(candidates, None)
                 queue.take(waiter)
@@ -234,24 +222,14 @@ class Scheduler:
         return self._fits(waiter, backend) and backend.serves(waiter.model) and backend.name not in waiter.excluded
 
     def queued(self, waiter: Waiter) -> None:
-        """A new request got no slot in arrival order. If a backend holding its prefix has a slot
-        free for it (one kept back from requests that would miss), it takes it now, ahead of the
-        line: a freed slot picks the request that saves the most there. Else, if a full backend
-        holds its prefix, it waits for that backend rather than for whichever slot frees first."""
+        """A new request found no free slot: if a full backend holds its prefix, it waits for that
+        backend rather than for whichever slot frees first (then a freed slot there picks it)."""
         if not self.settings.cost_aware or waiter.state is not WaiterState.QUEUED or not waiter.prompt.blocks:
             return
         if waiter.excluded or waiter.pin is not None:
             return
         now = time.monotonic()
-        routable = [b for b in self._backends if b.routable and b.serves(waiter.model)]
-        free = [b for b in routable if self._fits(waiter, b) and self._accepting(b, now)]
-        hits = [o for o in self._options(waiter, free, now) if o.matched_blocks]
-        if hits:
-            best = min(hits, key=lambda o: o.score)
-            self._queue.take(waiter)
-            self._grant(waiter, best.backend, now)
-            return
-        cold = self._options(waiter, routable, now, matched=0)
+        cold = self._options(waiter, [b for b in self._backends if b.routable], now, matched=0)
         if not cold:
             return
         baseline = min(cold, key=lambda o: o.score)
@@ -286,17 +264,9 @@ class Scheduler:
             options.append(_Option(backend, held, uncached, prefill_s, score))
         return options
 
-    def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | Literal["parked", "wait"]:
-        """The free backend to grant now; ``parked`` when the waiter now waits for a busy backend;
-        ``wait`` when it stays in line (only slots kept for cache hits are free for it)."""
+    def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | None:
+        """The free backend to grant now, or None when the waiter was parked for a busy one."""
         options = self._options(waiter, candidates, now)
-        if waiter.prompt.blocks:
-            # The last free slot of a backend holds what its last request left behind, and
-            # llama-server gives a new prompt the least recently used idle slot: a cold request
-            # there would overwrite the freshest prefix. Keep it for requests that hit.
-            options = [o for o in options if o.matched_blocks or o.backend.free >= _cold_need(waiter, o.backend)]
-            if not options:
-                return "wait"
         best = self._cheapest(options)
         if best.matched_blocks == 0 and waiter.prompt.blocks and waiter.pin is None:
             best = self._home(waiter, options, best)
@@ -312,7 +282,7 @@ class Scheduler:
             if patient and target is not None:
                 until = min(now + self.settings.patience_max_s, waiter.deadline)
                 self._queue.park(waiter, pinned, self.settings.patience_max_s, until)
-                return "parked"
+                return None
             return best.backend
         if not patient or not waiter.prompt.blocks:
             return best.backend
@@ -322,7 +292,7 @@ class Scheduler:
         held, behind, saving_s = plan
         until = min(now + saving_s, now + self.settings.patience_max_s, waiter.deadline)
         self._queue.park(waiter, held.backend.name, saving_s, until, behind=behind)
-        return "parked"
+        return None
 
     def _best_wait(self, waiter: Waiter, best: _Option, now: float) -> tuple[_Option, int | None, float] | None:
         """Whether waiting beats ``best``: for a full backend holding more of the prompt, or for a

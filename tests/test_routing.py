@@ -54,12 +54,9 @@ def waiter(made: Balancer, shape: PromptShape, *, excluded: frozenset[str] = fro
 
 
 def submit(made: Balancer, shape: PromptShape, **kwargs: frozenset[str]) -> Waiter:
-    """As ``Balancer.acquire`` does: queue it, dispatch, and let a request left waiting find its backend."""
     entry = waiter(made, shape, **kwargs)
     made.queue.push(entry)
     made.scheduler.dispatch()
-    if not entry.future.done():
-        made.scheduler.queued(entry)
     return entry
 
 
@@ -239,30 +236,15 @@ async def test_parked_requests_go_first_but_never_past_an_overdue_one() -> None:
     release_all(made)
 
 
-async def test_the_last_free_slot_is_kept_for_a_request_that_hits_the_cache() -> None:
-    made = balancer(3)
-    hot = prompt(1, 40)
-    seed(made, "b0", hot)
-    cold = [submit(made, prompt(10 + i, 4)) for i in range(3)]
-    assert [granted(c) for c in cold] == ["b0", "b0", None]  # the third would overwrite the fresh prefix
-    hit = submit(made, hot)
-    assert granted(hit) == "b0"
-    hit.future.result().release()
-    assert not cold[2].future.done()
-    cold[0].future.result().release()  # two free: a cold request may take one
-    assert granted(cold[2]) == "b0"
-    release_all(made)
-
-
 # -- weights and retries ---------------------------------------------------------------------
 
 
 async def test_a_request_with_n_choices_takes_n_slots() -> None:
     made = balancer(4)
-    heavy = submit(made, prompt(1, 0, weight=3))  # prompts with nothing to cache: no slot kept back
+    heavy = submit(made, prompt(1, 2, weight=3))
     assert made.backend("b0").in_flight == 3
-    light = submit(made, prompt(2, 0))
-    too_heavy = submit(made, prompt(3, 0, weight=2))  # one slot left: waits
+    light = submit(made, prompt(2, 2))
+    too_heavy = submit(made, prompt(3, 2, weight=2))  # one slot left: waits
     assert granted(light) == "b0"
     assert not too_heavy.future.done()
     heavy.future.result().release()
