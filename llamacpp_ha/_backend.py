@@ -38,8 +38,13 @@ def redact_url(url: str) -> str:
 
 
 def model_names(model_id: str, aliases: tuple[str, ...] = ()) -> set[str]:
-    """The names a request may use for a model: its id, aliases, and each without ``.gguf``."""
+    """The names a request may use for a model: its id, aliases, and each without ``.gguf``.
+
+    llama-server reports ``-m`` as given, so a server started with a full path has the path as its
+    model id: the file name counts too (``/models/qwen.gguf`` answers to ``qwen``).
+    """
     names = {model_id, *aliases}
+    names |= {name.rsplit("/", 1)[-1] for name in names}
     return names | {name.removesuffix(".gguf") for name in names}
 
 

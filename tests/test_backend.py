@@ -78,3 +78,16 @@ def test_configured_models_win_over_reported_ones() -> None:
     backend.set_models(("reported",))
     assert backend.serves("pinned")
     assert not backend.serves("reported")
+
+
+def test_a_model_id_that_is_a_path_answers_to_its_file_name() -> None:
+    # llama-server reports -m as given: started with a full path, the path is the model id.
+    backend = healthy()
+    backend.set_models(("/srv/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf",))
+    for name in (
+        "Qwen2.5-7B-Instruct-Q4_K_M",
+        "Qwen2.5-7B-Instruct-Q4_K_M.gguf",
+        "/srv/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf",
+    ):
+        assert backend.serves(name), name
+    assert not backend.serves("Qwen2.5-7B")
