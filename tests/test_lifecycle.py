@@ -188,16 +188,16 @@ async def test_a_slow_steady_reader_keeps_its_stream_and_a_stalled_one_is_told_w
     sims: Sims, clients: Clients
 ) -> None:
     sim = sims(slots=2, decode_tokens_per_s=40)
-    http, client = clients(fleet_config(sim, stream_idle_timeout_s=0.5, poll_interval_s=0.1))
-    steady = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=30, stream=True)
+    http, client = clients(fleet_config(sim, stream_idle_timeout_s=1.0, poll_interval_s=0.1))
+    steady = await client.chat.completions.create(model=MODEL, messages=chat("a"), max_tokens=10, stream=True)
     pieces = 0
-    async for _chunk in steady:  # 30 tokens over about 1 s, read with pauses below the deadline
+    async for _chunk in steady:  # read slowly, pausing 0.3 s per chunk: below the deadline
         pieces += 1
         await asyncio.sleep(0.3)
-    assert pieces >= 30
+    assert pieces >= 10
     stalled = await client.chat.completions.create(model=MODEL, messages=chat("b"), max_tokens=200, stream=True)
     await stalled.__anext__()
-    await asyncio.sleep(1.5)  # away for longer than the deadline: the slot goes back meanwhile
+    await asyncio.sleep(2.5)  # away for longer than the deadline: the slot goes back meanwhile
     assert http.balancer.snapshot().counters.expired_leases == 1
     with pytest.raises(openai.APIError, match=r"idle deadline"):
         async for _chunk in stalled:
