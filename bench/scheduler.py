@@ -81,10 +81,11 @@ async def measure(backends: int, waiting: int, decisions: int) -> dict[str, floa
     balancer.scheduler.dispatch()
     enqueue(balancer, waiting + decisions, loop, rng)
     times = decision_times(balancer, decisions, rng)
-    assert len(balancer.queue) == waiting
+    # A release may grant nothing (its waiters are parked elsewhere) or more than one (a slot left
+    # free earlier): the queue ends near, not exactly at, the starting length.
     return {
         "backends": backends,
-        "waiting": waiting,
+        "waiting": len(balancer.queue),
         "p50_us": statistics.median(times) * 1e6,
         "p99_us": sorted(times)[int(0.99 * len(times))] * 1e6,
         "decisions_per_s": len(times) / sum(times),
