@@ -40,6 +40,7 @@ _DROPPED_HEADERS = frozenset(
 )
 _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
 """Replaced by the backend's own key when it has one."""
+_STALE_RETRIES = 4
 _RETRYABLE = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ConnectTimeout)
 
 
@@ -217,14 +218,16 @@ class HATransport(httpx2.AsyncBaseTransport):
         raise NoBackendError("No backend is available." + (f" Failed: {', '.join(failures)}." if failures else ""))
 
     async def _send(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Response:
-        upstream = self._upstream_request(request, backend, body)
-        try:
-            return await self._upstream.handle_async_request(upstream)
-        except httpx2.RemoteProtocolError:
-            # llama-server closes the connection after every stream though it says keep-alive;
-            # a pooled connection it already closed fails before the request reached it.
-            upstream = self._upstream_request(request, backend, body)
-            return await self._upstream.handle_async_request(upstream)
+        # llama-server closes the connection after every stream though it says keep-alive; a pooled
+        # connection it already closed fails before the request reached it. The pool may hold
+        # several such connections to one backend (one per recent stream), so a single retry can
+        # meet another: try a few, then let the failure count against the backend.
+        for _ in range(_STALE_RETRIES):
+            try:
+                return await self._upstream.handle_async_request(self._upstream_request(request, backend, body))
+            except httpx2.RemoteProtocolError:
+                continue
+        return await self._upstream.handle_async_request(self._upstream_request(request, backend, body))
 
     def _upstream_request(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Request:
         base = backend.base_url
