@@ -6,20 +6,20 @@ from typing import Protocol
 from ._backend import Backend
 from ._config import PolicyName
 
-__all__ = ["AffinityFirst", "LeastBusy", "Policy", "RoundRobin", "make_policy"]
+__all__ = ["LeastBusy", "Policy", "RoundRobin", "make_policy"]
 
 
 class Policy(Protocol):
     """Chooses one backend among those that have a free slot and serve the model."""
 
-    def choose(self, candidates: Sequence[Backend], preferred: str | None) -> Backend: ...
+    def choose(self, candidates: Sequence[Backend]) -> Backend: ...
 
 
 class RoundRobin:
     def __init__(self) -> None:
         self._turn = 0
 
-    def choose(self, candidates: Sequence[Backend], preferred: str | None) -> Backend:
+    def choose(self, candidates: Sequence[Backend]) -> Backend:
         self._turn += 1
         return candidates[self._turn % len(candidates)]
 
@@ -30,7 +30,7 @@ class LeastBusy:
     def __init__(self) -> None:
         self._turn = 0
 
-    def choose(self, candidates: Sequence[Backend], preferred: str | None) -> Backend:
+    def choose(self, candidates: Sequence[Backend]) -> Backend:
         self._turn += 1
         n = len(candidates)
         start = self._turn % n
@@ -42,27 +42,10 @@ class LeastBusy:
         return best
 
 
-class AffinityFirst:
-    """The conversation's own backend when it has a free slot, else the least busy one.
-
-    Going elsewhere when the preferred backend is full trades a prompt-cache hit for not
-    waiting: a shared system prompt must not turn one backend into a hot spot.
-    """
-
-    def __init__(self) -> None:
-        self._fallback = LeastBusy()
-
-    def choose(self, candidates: Sequence[Backend], preferred: str | None) -> Backend:
-        if preferred is not None:
-            for backend in candidates:
-                if backend.name == preferred:
-                    return backend
-        return self._fallback.choose(candidates, None)
-
-
 def make_policy(name: PolicyName) -> Policy:
     policies: dict[str, type[Policy]] = {
-        "affinity": AffinityFirst,
+        # The cost-aware scheduler decides itself under "affinity"; this is never consulted then.
+        "affinity": LeastBusy,
         "least_busy": LeastBusy,
         "round_robin": RoundRobin,
     }

@@ -35,14 +35,7 @@ def parse_request(
     route: Route, header: Callable[[str], str | None], body: bytes, block_bytes: int, max_blocks: int
 ) -> RequestFacts:
     """Read and check the routing facts of a slot-taking request; raise BadRequestError for a bad body."""
-    try:
-        payload = json.loads(body) if body else None
-    except RecursionError:
-        raise BadRequestError("The request body is nested too deeply.") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequestError("The request body must be a JSON object.")
+    payload = check_json_body(body)
     _check(route, payload)
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
@@ -77,8 +70,8 @@ def _without_slot_pin(payload: dict[str, Any]) -> bytes | None:
     return json.dumps({k: v for k, v in payload.items() if k != "id_slot"}, ensure_ascii=False).encode()
 
 
-def check_json_body(body: bytes) -> None:
-    """Requests that take no slot still get a 400 for a body that is not a JSON object."""
+def check_json_body(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or BadRequestError (for slotless routes too: llama-server says 500)."""
     try:
         payload = json.loads(body) if body else None
     except RecursionError:
@@ -87,6 +80,7 @@ def check_json_body(body: bytes) -> None:
         raise BadRequestError(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise BadRequestError("The request body must be a JSON object.")
+    return payload
 
 
 def _encodable(text: str) -> bool:

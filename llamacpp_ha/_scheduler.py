@@ -186,7 +186,7 @@ class Scheduler:
                     if backend is None:
                         break  # parked: look at the heads again
                 else:
-                    backend = self._policy.choose(candidates, None)
+                    backend = self._policy.choose(candidates)
                 queue.take(waiter)
                 self._grant(waiter, backend, now)
                 if backend.free == 0 or not self._accepting(backend, now):

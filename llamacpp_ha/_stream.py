@@ -12,6 +12,7 @@ __all__ = ["LeasedStream"]
 
 _TAIL_BYTES = 4096
 """llama-server's ``timings`` sit in the last event (or at the end of a JSON body)."""
+_IDLE_CUT = "The response was closed after nobody read it for the idle deadline (stream_idle_timeout_s)."
 
 
 class LeasedStream(httpx2.AsyncByteStream):
@@ -70,9 +71,9 @@ class LeasedStream(httpx2.AsyncByteStream):
                 if self._expired:
                     # Cut by the idle deadline while the consumer was away: tell it, in the stream.
                     if self._sse:
-                        yield _error_event(f"The response was closed after {self._idle_text}.", "stream_idle_timeout")
+                        yield _error_event(_IDLE_CUT, "stream_idle_timeout")
                         return
-                    raise httpx2.ReadError(f"The response was closed after {self._idle_text}.")
+                    raise httpx2.ReadError(_IDLE_CUT)
                 lease.reading = True
             if pending:
                 self._keep_tail(pending)
@@ -112,10 +113,6 @@ class LeasedStream(httpx2.AsyncByteStream):
         and a consumer that comes back gets an error event, not a bare end of stream."""
         self._expired = True
         await self.aclose()
-
-    @property
-    def _idle_text(self) -> str:
-        return "nobody read it for the idle deadline (stream_idle_timeout_s)"
 
     async def aclose(self) -> None:
         if self._closed:
