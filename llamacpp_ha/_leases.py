@@ -51,6 +51,7 @@ class Lease:
         "backend",
         "blocks",
         "closer",
+        "end",
         "expected_cached_tokens",
         "first_byte_at",
         "last_activity",
@@ -82,6 +83,8 @@ class Lease:
         """Closes the response this lease serves; called when the consumer abandons it."""
         self.blocks: tuple[bytes, ...] = ()
         """The prompt's block hashes: its slot holds them once the response is finished."""
+        self.end: tuple[int, bytes] | None = None
+        """The prompt's end mark (see ``PromptShape.end``)."""
         self.prompt_chars = 0
         self.prompt_tokens = 0.0
         """Estimated prompt tokens."""

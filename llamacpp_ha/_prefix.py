@@ -8,6 +8,10 @@ response corrects the belief (a backend that hits less than expected is believed
 Blocks are inserted deepest first, so a prompt's first block is always more recent than its
 later ones: eviction removes the tail of a prompt before its head, and the blocks a backend
 holds of one prompt are always a prefix of it. That makes the longest match a binary search.
+
+Past its last full block a prompt ends in a partial block no block hash covers; its end mark
+(see ``PromptShape.end``) is kept beside the blocks, so the next turn of a conversation shorter
+than a few blocks still finds the backend holding the turn before.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ __all__ = ["PrefixIndex"]
 
 _SHRINK = 0.8
 _GROW = 1.02
+_ENDS_PER_BLOCK = 0.25
+"""End marks kept per block of capacity: one per prompt of four blocks or more."""
 
 
 class _BackendBlocks:
-    __slots__ = ("blocks", "ceiling", "limit")
+    __slots__ = ("blocks", "ceiling", "ends", "limit")
 
     def __init__(self, ceiling: int) -> None:
         self.blocks: OrderedDict[bytes, None] = OrderedDict()
+        self.ends: OrderedDict[bytes, int] = OrderedDict()
+        """End marks of the prompts it served, with their positions in bytes."""
         self.ceiling = ceiling
         """What the backend can hold, from its slots and context."""
         self.limit = float(ceiling)
@@ -76,11 +84,35 @@ class PrefixIndex:
                 high = middle - 1
         return low
 
+    def held_bytes(self, backend: str, marks: Sequence[tuple[int, bytes]], matched: int, block_bytes: int) -> int:
+        """How many bytes of the prompt the backend holds, given its ``matched`` full blocks: more
+        when it served a prompt that ended inside the next block and that this prompt continues."""
+        held = matched * block_bytes
+        entry = self._backends.get(backend)
+        if entry is None or not entry.ends:
+            return held
+        ends = entry.ends
+        for position, mark in reversed(marks):
+            if position <= held:
+                break
+            # A mark past the next block would need blocks the backend does not hold.
+            if position < held + block_bytes and mark in ends:
+                return position
+        return held
+
+    def end_holders(self, marks: Sequence[tuple[int, bytes]], beyond: int) -> set[str]:
+        """Backends that served a prompt ending past ``beyond`` bytes that this prompt continues."""
+        found: set[str] = set()
+        for position, mark in marks:
+            if position > beyond:
+                found.update(self._holders.get(mark, ()))
+        return found
+
     def holders(self, block: bytes) -> set[str]:
         """Backends holding this block (and so the whole prompt up to its end)."""
         return self._holders.get(block, set())
 
-    def insert(self, backend: str, blocks: Sequence[bytes]) -> None:
+    def insert(self, backend: str, blocks: Sequence[bytes], end: tuple[int, bytes] | None = None) -> None:
         """The backend now holds this prompt (it was just sent there)."""
         entry = self._entry(backend)
         held = entry.blocks
@@ -90,6 +122,13 @@ class PrefixIndex:
             else:
                 held[block] = None
                 self._holders.setdefault(block, set()).add(backend)
+        if end is not None:
+            position, mark = end
+            if mark in entry.ends:
+                entry.ends.move_to_end(mark)
+            else:
+                entry.ends[mark] = position
+                self._holders.setdefault(mark, set()).add(backend)
         self._evict(backend, entry)
 
     def observe(self, backend: str, expected_blocks: int, actual_blocks: int) -> None:
@@ -106,9 +145,10 @@ class PrefixIndex:
         entry = self._backends.get(backend)
         if entry is None:
             return
-        for block in entry.blocks:
+        for block in (*entry.blocks, *entry.ends):
             self._drop_holder(block, backend)
         entry.blocks.clear()
+        entry.ends.clear()
         entry.limit = float(entry.ceiling)
 
     def _evict(self, backend: str, entry: _BackendBlocks) -> None:
@@ -116,6 +156,10 @@ class PrefixIndex:
         while len(held) > entry.limit:
             block, _ = held.popitem(last=False)
             self._drop_holder(block, backend)
+        ends = entry.ends
+        while len(ends) > max(16.0, entry.limit * _ENDS_PER_BLOCK):
+            mark, _ = ends.popitem(last=False)
+            self._drop_holder(mark, backend)
 
     def _drop_holder(self, block: bytes, backend: str) -> None:
         holders = self._holders.get(block)

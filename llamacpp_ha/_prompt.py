@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ __all__ = ["NO_PROMPT", "PromptShape", "prompt_shape"]
 _MESSAGE_END = "\x1e"
 _FIELD_END = "\x1f"
 _MEDIA_SAMPLE = 2048
+MARK_BYTES = 64
+"""Granularity of the marks near a prompt's end."""
+_MARKED_BLOCKS = 8
+"""Full blocks before the end that carry marks: a conversation's next turn usually adds less."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +41,31 @@ class PromptShape:
     """Length of the whole canonical prompt in characters (also past the hashed blocks)."""
     weight: int
     """Slots llama-server runs tasks in for this request (``n``, an array ``prompt``, inputs...)."""
+    marks: tuple[tuple[int, bytes], ...] = ()
+    """Finer hashes near the end: ``(position in bytes, hash of the prompt up to it)`` every
+    ``MARK_BYTES``, at every message's end and at the prompt's end, over the last few blocks and
+    the partial block after them, shallowest first.
+    A short conversation's turn fits in one or two blocks; its marks tell which backend holds
+    the previous turn, which the blocks alone cannot."""
+    end: tuple[int, bytes] | None = None
+    """The mark at the prompt's very end, when that is past its last full block: what a slot
+    holds once it served this prompt (a chat's next turn has a mark there: a message ends there)."""
 
 
 class _Hasher:
     """Cuts text into fixed-size byte blocks and chains their hashes."""
 
-    __slots__ = ("_block", "_digest", "_max_blocks", "_pending", "blocks", "chars")
+    __slots__ = ("_block", "_digest", "_ends", "_max_blocks", "_pending", "_recent", "blocks", "chars")
 
     def __init__(self, seed: str, block_bytes: int, max_blocks: int) -> None:
         self._digest = hashlib.blake2b(seed.encode("utf-8", "surrogatepass"), digest_size=8)
         self._block = block_bytes
         self._max_blocks = max_blocks
         self._pending = bytearray()
+        self._recent: deque[tuple[Any, bytes]] = deque(maxlen=_MARKED_BLOCKS)
+        """The last full blocks: the chain's state before each, and its bytes."""
+        self._ends: deque[int] = deque(maxlen=4 * _MARKED_BLOCKS)
+        """Where the last messages ended, in bytes."""
         self.blocks: list[bytes] = []
         self.chars = 0
 
@@ -57,17 +75,43 @@ class _Hasher:
             return
         pending = self._pending
         pending += text.encode("utf-8", "surrogatepass")
+        if text == _MESSAGE_END:
+            self._ends.append(len(self.blocks) * self._block + len(pending))
         size = self._block
         if len(pending) < size:
             return
         view = memoryview(pending)
         start = 0
         while len(pending) - start >= size and len(self.blocks) < self._max_blocks:
-            self._digest.update(view[start : start + size])
+            block = bytes(view[start : start + size])
+            self._recent.append((self._digest.copy(), block))
+            self._digest.update(block)
             self.blocks.append(self._digest.copy().digest())
             start += size
         view.release()
         del pending[:start]
+
+    def marks(self) -> tuple[tuple[tuple[int, bytes], ...], tuple[int, bytes] | None]:
+        """The prompt's marks and its end mark (none past ``max_blocks``: routing never looks there)."""
+        if len(self.blocks) >= self._max_blocks:
+            return (), None
+        size = self._block
+        first_block = len(self.blocks) - len(self._recent)
+        pieces = [*self._recent, (self._digest, bytes(self._pending))]
+        start = first_block * size
+        total = len(self.blocks) * size + len(self._pending)
+        cuts = {*range(start + MARK_BYTES, total, MARK_BYTES), *(end for end in self._ends if end > start), total}
+        found: list[tuple[int, bytes]] = []
+        for position in sorted(cuts):
+            block, offset = divmod(position, size)
+            if offset == 0:
+                continue  # a block boundary: the block hash covers it
+            state, data = pieces[block - first_block]
+            digest = state.copy()
+            digest.update(data[:offset])
+            found.append((position, digest.digest()))
+        end = found[-1] if found and found[-1][0] == total else None
+        return tuple(found), end
 
 
 def media_digest(data: str) -> str:
@@ -131,7 +175,8 @@ def prompt_shape(
     elif kind == "rerank":
         documents = payload.get("documents", payload.get("texts"))
         weight = max(1, len(documents)) if isinstance(documents, list) else 1
-    return PromptShape(tuple(hasher.blocks), hasher.chars, weight)
+    marks, end = hasher.marks() if hasher.blocks else ((), None)
+    return PromptShape(tuple(hasher.blocks), hasher.chars, weight, marks, end)
 
 
 def _positive_int(value: Any) -> int:

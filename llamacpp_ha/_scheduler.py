@@ -13,6 +13,7 @@ from ._cost import CostModel
 from ._leases import Lease
 from ._policies import Policy
 from ._prefix import PrefixIndex
+from ._prompt import PromptShape
 from ._queue import Waiter, WaiterState, WaitQueue
 from ._stats import Stats
 
@@ -44,6 +45,14 @@ def _shared_blocks(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
     return low
 
 
+def _shared_bytes(prompt: PromptShape, lease: Lease, block_bytes: int) -> int:
+    """How much of the prompt a running request's slot will hold when it finishes."""
+    shared = _shared_blocks(prompt.blocks, lease.blocks) * block_bytes
+    if lease.end is not None and lease.end[0] > shared and lease.end in prompt.marks:
+        return lease.end[0]
+    return shared
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
     cost_aware: bool = True
@@ -59,6 +68,8 @@ class SchedulerSettings:
 class _Option:
     backend: Backend
     matched_blocks: int
+    held_bytes: int
+    """What the backend holds of the prompt: its matched blocks, or more by an end mark."""
     uncached_tokens: float
     prefill_s: float
     """Predicted time to first token, once a slot is free."""
@@ -229,7 +240,7 @@ class Scheduler:
         if waiter.excluded or waiter.pin is not None:
             return
         now = time.monotonic()
-        cold = self._options(waiter, [b for b in self._backends if b.routable], now, matched=0)
+        cold = self._options(waiter, [b for b in self._backends if b.routable], now, held_bytes=0)
         if not cold:
             return
         baseline = min(cold, key=lambda o: o.score)
@@ -244,24 +255,28 @@ class Scheduler:
     # -- the cost decision ------------------------------------------------------------------
 
     def _options(
-        self, waiter: Waiter, backends: Sequence[Backend], now: float, *, matched: int | None = None
+        self, waiter: Waiter, backends: Sequence[Backend], now: float, *, held_bytes: int | None = None
     ) -> list[_Option]:
-        """What the waiter would cost on each backend (with ``matched`` blocks instead of the index's)."""
-        blocks = waiter.prompt.blocks
-        holders = self.index.holders(blocks[0]) if blocks and matched is None else set()
+        """What the waiter would cost on each backend (holding ``held_bytes`` instead of the index's)."""
+        prompt = waiter.prompt
+        blocks = prompt.blocks
+        block_bytes = self.settings.block_bytes
+        holders = self.index.holders(blocks[0]) if blocks and held_bytes is None else set()
         tokens_per_char = self.cost.tokens_per_char(waiter.model)
-        prompt_tokens = max(1.0, waiter.prompt.chars * tokens_per_char)
-        block_tokens = self.settings.block_bytes * tokens_per_char
+        prompt_tokens = max(1.0, prompt.chars * tokens_per_char)
         options = []
         for backend in backends:
-            if matched is None:
-                held = self.index.match(backend.name, blocks) if backend.name in holders else 0
+            if held_bytes is not None:
+                held, matched = held_bytes, held_bytes // block_bytes
+            elif backend.name in holders:
+                matched = self.index.match(backend.name, blocks)
+                held = self.index.held_bytes(backend.name, prompt.marks, matched, block_bytes)
             else:
-                held = matched
-            uncached = max(1.0, prompt_tokens - held * block_tokens)
+                held = matched = 0
+            uncached = max(1.0, prompt_tokens - held * tokens_per_char)
             prefill_s = self.cost.prefill_s(backend, uncached, now)
             score = prefill_s + _OWN_WORK_AGAIN * uncached / self.cost.prefill_rate(backend)
-            options.append(_Option(backend, held, uncached, prefill_s, score))
+            options.append(_Option(backend, matched, held, uncached, prefill_s, score))
         return options
 
     def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | None:
@@ -317,18 +332,18 @@ class Scheduler:
 
     def _running_holder(self, waiter: Waiter, best: _Option, now: float) -> tuple[Lease, _Option] | None:
         """The running request whose prompt shares the most with this one, beyond ``best``'s match."""
-        blocks = waiter.prompt.blocks
+        prompt = waiter.prompt
         found: tuple[int, Lease] | None = None
-        for lease in self._running.get(blocks[0], ()):
+        for lease in self._running.get(prompt.blocks[0], ()):
             if lease.backend.name in waiter.excluded or not lease.backend.serves(waiter.model):
                 continue
-            shared = _shared_blocks(blocks, lease.blocks)
-            if shared > best.matched_blocks and (found is None or shared > found[0]):
+            shared = _shared_bytes(prompt, lease, self.settings.block_bytes)
+            if shared > best.held_bytes and (found is None or shared > found[0]):
                 found = (shared, lease)
         if found is None:
             return None
         shared, lease = found
-        option = self._options(waiter, [lease.backend], now, matched=shared)[0]
+        option = self._options(waiter, [lease.backend], now, held_bytes=shared)[0]
         return lease, option
 
     def _home(self, waiter: Waiter, options: list[_Option], best: _Option) -> _Option:
@@ -363,10 +378,10 @@ class Scheduler:
 
     def _deepest_busy_holder(self, waiter: Waiter, best: _Option, now: float) -> _Option | None:
         """A busy backend holding more of the prompt than the best free one, if any."""
-        blocks = waiter.prompt.blocks
-        if best.matched_blocks >= len(blocks):
-            return None
-        deeper = self.index.holders(blocks[best.matched_blocks])
+        prompt = waiter.prompt
+        blocks = prompt.blocks
+        deeper = set(self.index.holders(blocks[best.matched_blocks])) if best.matched_blocks < len(blocks) else set()
+        deeper |= self.index.end_holders(prompt.marks, best.held_bytes)
         if not deeper:
             return None
         busy = [
@@ -375,9 +390,8 @@ class Scheduler:
             if (b.free < min(waiter.weight, max(1, b.capacity)) or not self._accepting(b, now)) and b.routable
             and b.serves(waiter.model) and b.name not in waiter.excluded
         ]  # fmt: skip
-        if not busy:
-            return None
-        return min(self._options(waiter, busy, now), key=lambda o: o.score)
+        options = [o for o in self._options(waiter, busy, now) if o.held_bytes > best.held_bytes]
+        return min(options, key=lambda o: o.score) if options else None
 
     # -- grants and releases ----------------------------------------------------------------
 
@@ -388,9 +402,10 @@ class Scheduler:
         tokens_per_char = self.cost.tokens_per_char(waiter.model)
         prompt_tokens = max(1.0, waiter.prompt.chars * tokens_per_char)
         matched = self.index.match(backend.name, blocks)
+        held = self.index.held_bytes(backend.name, waiter.prompt.marks, matched, self.settings.block_bytes)
         lease.prompt_chars = waiter.prompt.chars
         lease.prompt_tokens = prompt_tokens
-        lease.expected_cached_tokens = min(prompt_tokens - 1, matched * self.settings.block_bytes * tokens_per_char)
+        lease.expected_cached_tokens = min(prompt_tokens - 1, held * tokens_per_char)
         lease.uncached_tokens = prompt_tokens - lease.expected_cached_tokens
         lease.predicted_prefill_s = self.cost.prefill_s(backend, lease.uncached_tokens, now)
         lease.affinity = self._affinity_outcome(waiter, backend, matched)
@@ -399,6 +414,7 @@ class Scheduler:
             self._affinity.set(waiter.pin, backend.name)
         if blocks:
             lease.blocks = blocks
+            lease.end = waiter.prompt.end
             self._running.setdefault(blocks[0], set()).add(lease)
         if self.settings.cost_aware:
             lease.on_first_byte = self._prefill_done
@@ -439,7 +455,7 @@ class Scheduler:
                 if not running:
                     del self._running[lease.blocks[0]]
             # The slot that served it now holds its prompt, and can serve what shares it.
-            self.index.insert(backend.name, lease.blocks)
+            self.index.insert(backend.name, lease.blocks, lease.end)
             self._queue.finished(id(lease))
         self._learn(lease)
         self.dispatch()

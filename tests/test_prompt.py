@@ -108,3 +108,31 @@ def test_weights_count_the_tasks_llama_server_runs() -> None:
     assert shape("embeddings", {"input": ["a", "b"]}).weight == 2
     assert shape("rerank", {"query": "q", "documents": ["a", "b", "c", "d"]}).weight == 4
     assert shape("chat", chat("hi")).weight == 1
+
+
+def test_a_turn_ending_inside_a_block_is_found_by_its_end_mark() -> None:
+    # Blocks of 512 bytes: a short conversation's own text sits in the partial block after the
+    # shared system prompt, where no block hash covers it. Its end mark does.
+    system = "Rules. " * 100
+    first = prompt_shape("chat", chat("plan a trip to Rome", system=system), "m", 512, 64)
+    later = prompt_shape(
+        "chat", chat("plan a trip to Rome", "Start at the Forum.", "day 2?", system=system), "m", 512, 64
+    )
+    other = prompt_shape(
+        "chat", chat("plan a trip to Oslo", "Start at the fjord.", "day 2?", system=system), "m", 512, 64
+    )
+    assert first.blocks == later.blocks[: len(first.blocks)] == other.blocks[: len(first.blocks)]
+    assert first.end is not None
+    assert first.end[0] > len(first.blocks) * 512
+    assert first.end in later.marks
+    assert first.end not in other.marks
+    positions = [position for position, _ in later.marks]
+    assert positions == sorted(positions)
+    assert later.end == later.marks[-1]
+
+
+def test_a_prompt_past_max_blocks_has_no_marks() -> None:
+    capped = prompt_shape("completion", {"prompt": "y" * 10_000}, "m", 512, 4)
+    assert len(capped.blocks) == 4
+    assert capped.marks == ()
+    assert capped.end is None

@@ -14,7 +14,7 @@ import pytest
 from llamacpp_ha import BackendConfig, BackendState, Balancer, BalancerConfig
 from llamacpp_ha._leases import Lease, Timings
 from llamacpp_ha._prefix import PrefixIndex
-from llamacpp_ha._prompt import PromptShape
+from llamacpp_ha._prompt import PromptShape, prompt_shape
 from llamacpp_ha._queue import Waiter, WaiterState
 
 pytestmark = pytest.mark.anyio
@@ -129,6 +129,31 @@ async def test_the_backend_holding_the_prefix_wins_when_its_slot_is_free() -> No
     lease = entry.future.result()
     assert lease.affinity == "hit"
     assert lease.expected_cached_tokens == pytest.approx(40 * BLOCK * 0.25)
+    release_all(made)
+
+
+async def test_short_conversations_sharing_a_system_prompt_find_their_backends_by_end_marks() -> None:
+    # Every backend holds the shared system prompt's blocks; each conversation's own turns end
+    # inside the next block. Only the end marks tell the backends apart.
+    made = balancer(2, 2)
+    system = "Rules. " * 150
+
+    def turn(conversation: int, turns: int) -> PromptShape:
+        messages = [{"role": "system", "content": system}]
+        for i in range(turns):
+            messages += [
+                {"role": "user", "content": f"Trip {conversation}, question {i}"},
+                {"role": "assistant", "content": f"Answer {i}"},
+            ]
+        return prompt_shape("chat", {"messages": messages[:-1]}, "model", BLOCK, 2048)
+
+    for conversation in range(6):
+        first = turn(conversation, 1)
+        assert first.end is not None
+        made.scheduler.index.insert(f"b{conversation % 2}", first.blocks, first.end)
+    entries = [submit(made, turn(conversation, 2)) for conversation in range(4)]
+    assert [granted(entry) for entry in entries] == ["b0", "b1", "b0", "b1"]
+    assert all(entry.future.result().affinity == "hit" for entry in entries)
     release_all(made)
 
 
