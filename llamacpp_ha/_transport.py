@@ -128,7 +128,7 @@ class HATransport(httpx2.AsyncBaseTransport):
             # Waiting for the backend's answer is not idleness, however long a generation takes.
             lease.reading = True
             try:
-                response = await self._send(request, backend, body)
+                response = await self._send(request, backend, body, close=facts.stream)
                 # Inside the guarded block: a failed or cancelled body read gives the slot back too.
                 loading = response.status_code == 503 and await _is_loading(response)
             except httpx2.ReadTimeout:
@@ -217,19 +217,21 @@ class HATransport(httpx2.AsyncBaseTransport):
             return response
         raise NoBackendError("No backend is available." + (f" Failed: {', '.join(failures)}." if failures else ""))
 
-    async def _send(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Response:
-        # llama-server closes the connection after every stream though it says keep-alive; a pooled
-        # connection it already closed fails before the request reached it. The pool may hold
-        # several such connections to one backend (one per recent stream), so a single retry can
-        # meet another: try a few, then let the failure count against the backend.
+    async def _send(
+        self, request: httpx2.Request, backend: Backend, body: bytes, *, close: bool = False
+    ) -> httpx2.Response:
+        # llama-server closes the connection after every stream though it says keep-alive, so a
+        # streamed request asks for that (``close``): its connection never returns to the pool.
+        # A kept-alive connection can still expire on the server (5 s idle) just as it is reused,
+        # failing before the request reached it: try a few, then count it against the backend.
         for _ in range(_STALE_RETRIES):
             try:
-                return await self._upstream.handle_async_request(self._upstream_request(request, backend, body))
-            except httpx2.RemoteProtocolError:
+                return await self._upstream.handle_async_request(self._upstream_request(request, backend, body, close))
+            except (httpx2.RemoteProtocolError, httpx2.ReadError):
                 continue
-        return await self._upstream.handle_async_request(self._upstream_request(request, backend, body))
+        return await self._upstream.handle_async_request(self._upstream_request(request, backend, body, close))
 
-    def _upstream_request(self, request: httpx2.Request, backend: Backend, body: bytes) -> httpx2.Request:
+    def _upstream_request(self, request: httpx2.Request, backend: Backend, body: bytes, close: bool) -> httpx2.Request:
         base = backend.base_url
         url = request.url.copy_with(
             scheme=base.scheme,
@@ -241,6 +243,8 @@ class HATransport(httpx2.AsyncBaseTransport):
         dropped = _DROPPED_HEADERS | _CREDENTIAL_HEADERS if backend.auth_headers else _DROPPED_HEADERS
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in dropped]
         headers += [(k.encode(), v.encode()) for k, v in backend.auth_headers.items()]
+        if close:
+            headers.append((b"Connection", b"close"))
         extensions = dict(request.extensions)
         timeout = dict(extensions.get("timeout") or {})
         timeout["connect"] = self.balancer.config.connect_timeout_s
