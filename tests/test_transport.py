@@ -113,6 +113,36 @@ async def test_a_stale_pooled_connection_is_retried_on_the_same_backend(client_f
     assert balancer_of(client).balancer.snapshot().in_flight == 0
 
 
+async def test_a_streamed_request_asks_for_its_connection_to_be_closed(client_for: Client) -> None:
+    # llama-server closes it after the stream anyway; pooled, it would fail the next request.
+    fleet = MockFleet.of("gpu1")
+    client = client_for(fleet)
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    assert (await client.post("/v1/chat/completions", json={**CHAT, "stream": True})).status_code == 200
+    plain, streamed = fleet.requests
+    assert plain.headers.get("connection") is None
+    assert streamed.headers["connection"] == "close"
+
+
+async def test_a_reset_on_a_reused_connection_is_retried_like_a_disconnect(client_for: Client) -> None:
+    fleet = MockFleet.of("gpu1")
+    calls = 0
+
+    def reset(request: httpx2.Request) -> httpx2.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise httpx2.ReadError("[Errno 104] Connection reset by peer", request=request)
+        return httpx2.Response(200, json={"ok": True})
+
+    fleet.backends["gpu1"].inference = reset
+    client = client_for(fleet)
+    response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200
+    assert response.extensions["llamacpp_ha"].attempts == 1
+    assert balancer_of(client).balancer.snapshot().in_flight == 0
+
+
 async def test_a_refused_connection_fails_over_and_marks_the_backend_dead(client_for: Client) -> None:
     fleet = MockFleet.of("gpu1", "gpu2")
     client = client_for(fleet, policy="round_robin")
