@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -9,10 +11,26 @@ from openai import AsyncOpenAI
 from llamacpp_ha import BalancerConfig, HAAsyncClient, ha_client
 from llamacpp_ha.sim import SimServer
 
+from .redis_process import REDIS, RedisProcess
+
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Tests that run the CLI configure logging: undo it, or a later test logs through a handler
+    bound to an earlier test's closed capture stream (each record then prints a stack: slow)."""
+    root = logging.getLogger()
+    names = ("httpx2", "httpcore2", "httpx", "httpcore", "llamacpp_ha", "redis")
+    saved = (root.handlers[:], root.level, {name: logging.getLogger(name).level for name in names})
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture
@@ -43,3 +61,14 @@ async def clients() -> AsyncIterator[Callable[[BalancerConfig], tuple[HAAsyncCli
     yield make
     for http in made:
         await http.aclose()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    """A redis-server of its own (no persistence) for the test; the shared-mode tests skip without one."""
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.directory, ignore_errors=True)
