@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._backend import BackendState
 from ._balancer import Balancer
 from ._client import HAAsyncClient, ha_client
-from ._config import BackendConfig, BalancerConfig
+from ._config import BackendConfig, BalancerConfig, SharedConfig
 from ._errors import (
     BadRequestError,
     BalancerClosedError,
@@ -17,7 +17,7 @@ from ._errors import (
     QueueTimeoutError,
     UpstreamTimeoutError,
 )
-from ._stats import BackendSnapshot, BalancerSnapshot, Counters
+from ._stats import BackendSnapshot, BalancerSnapshot, Counters, SharedSnapshot
 from ._sync import HASyncClient, SyncHATransport, ha_sync_client
 from ._transport import HATransport, RouteInfo
 
@@ -43,6 +43,8 @@ __all__ = [
     "QueueFullError",
     "QueueTimeoutError",
     "RouteInfo",
+    "SharedConfig",
+    "SharedSnapshot",
     "SyncHATransport",
     "UpstreamTimeoutError",
     "__version__",

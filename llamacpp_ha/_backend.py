@@ -80,6 +80,9 @@ class Backend:
         self._in_flight = 0
         self._in_flight_peak = 0
         self._external = 0
+        self._shared_others = 0
+        self.shared_total: int | None = None
+        """Slots every balancer together holds here, as Redis last said (shared mode only)."""
         self.free = 0
         """Free slots now: derived, kept current by the setters below (the scheduler reads it per backend)."""
         self.reason = "not polled yet"
@@ -123,7 +126,8 @@ class Backend:
     def _update_free(self) -> None:
         capacity = self.config.capacity or self._reported_capacity
         routable = self._state is BackendState.HEALTHY and capacity > 0
-        self.free = max(0, capacity - self._in_flight - self._external) if routable else 0
+        used = self._in_flight + self._external + self._shared_others
+        self.free = max(0, capacity - used) if routable else 0
 
     @property
     def state(self) -> BackendState:
@@ -165,6 +169,16 @@ class Backend:
         self._update_free()
 
     @property
+    def shared_others(self) -> int:
+        """Slots other balancers hold here, by the shared leases in Redis (shared mode)."""
+        return self._shared_others
+
+    @shared_others.setter
+    def shared_others(self, value: int) -> None:
+        self._shared_others = value
+        self._update_free()
+
+    @property
     def capacity(self) -> int:
         return self.config.capacity or self._reported_capacity
 
@@ -179,7 +193,7 @@ class Backend:
     @property
     def load(self) -> float:
         """Busy fraction of the slots, ours and others'."""
-        return (self.in_flight + self.external) / self.capacity if self.capacity else 1.0
+        return (self.in_flight + self.external + self.shared_others) / self.capacity if self.capacity else 1.0
 
     def pending_prefill(self, now: float) -> float:
         """Uncached prompt tokens of our requests that are still being processed here."""
@@ -222,4 +236,5 @@ class Backend:
         if observed_busy is None:
             self.external = 0
             return
-        self.external = max(0, observed_busy - self._in_flight_peak)
+        # Other balancers' requests are in Redis: only other clients count as external.
+        self.external = max(0, observed_busy - self._in_flight_peak - self._shared_others)

@@ -6,7 +6,7 @@ import logging
 import time
 import weakref
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx2
 
@@ -28,7 +28,11 @@ from ._queue import Waiter, WaitQueue
 from ._registry import Registry
 from ._request import RequestFacts
 from ._scheduler import Scheduler, SchedulerSettings
+from ._shared import ORDER_GRACE_S
 from ._stats import BalancerSnapshot, Stats, snapshot_backend, snapshot_counters
+
+if TYPE_CHECKING:
+    from ._shared import SharedFleet, Ticket
 
 __all__ = ["CONTEXT_MARGIN", "Balancer"]
 
@@ -61,6 +65,20 @@ class Balancer:
         )
         policy = make_policy(config.policy)
         self.scheduler = Scheduler(self.backends, self.queue, policy, self.affinity, self.stats, settings)
+        self.shared: SharedFleet | None = None
+        """Set when ``config.shared`` names a Redis: slot leases, index and pins shared with peers."""
+        if config.shared is not None:
+            from ._shared import SharedFleet
+
+            self.shared = SharedFleet(
+                config.shared,
+                self.backends,
+                self.scheduler.index,
+                self.affinity,
+                self.scheduler.dispatch,
+                wait_expiry_s=2 * config.queue_timeout_s,
+            )
+            self.scheduler.shared = self.shared
         self._registry_instance: Registry | None = None
         self._poller: asyncio.Task[None] | None = None
         self._polled = asyncio.Event()
@@ -93,6 +111,8 @@ class Balancer:
             self._poller = asyncio.get_running_loop().create_task(
                 _poll_forever(weakref.ref(self), self._wake_poller), name="llamacpp-ha-poller"
             )
+        if self.shared is not None:
+            await self.shared.start()
         if not self._polled.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.poll_timeout_s * 3):
@@ -114,6 +134,8 @@ class Balancer:
         if self._registry_instance is not None:
             await self._registry_instance.aclose()
             self._registry_instance = None
+        if self.shared is not None:
+            await self.shared.aclose()
 
     async def poll_now(self) -> None:
         """Poll every backend once, then dispatch what the new state allows."""
@@ -211,12 +233,68 @@ class Balancer:
         model = self.resolve_model(facts.model)
         if not excluded:
             self._check_servable(model, facts)
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
         deadline = deadline if deadline is not None else now + self.config.queue_timeout_s
-        future: asyncio.Future[Lease] = loop.create_future()
+        seq = self.queue.next_seq() if seq is None else seq
+        shared = self.shared
+        if shared is None:
+            lease = await self._wait_for_slot(facts, model, excluded, seq, deadline, requeued=False)
+        else:
+            lease = await self._admitted(shared, facts, model, excluded, seq, deadline)
+        self.stats.record_wait(time.monotonic() - now)
+        return lease
+
+    async def _admitted(
+        self,
+        shared: SharedFleet,
+        facts: RequestFacts,
+        model: str | None,
+        excluded: frozenset[str],
+        seq: int,
+        deadline: float,
+    ) -> Lease:
+        """A slot granted here and admitted in Redis: other balancers' leases and older waiters count."""
+        ticket = shared.ticket(seq, model)
+        first_deferred: float | None = None
+        requeued = False
+        try:
+            while True:
+                lease = await self._wait_for_slot(
+                    facts, model, excluded, seq, deadline, requeued=requeued, ticket=ticket
+                )
+                force = first_deferred is not None and time.monotonic() - first_deferred >= ORDER_GRACE_S
+                try:
+                    admission = await shared.admit(lease, ticket, force=force)
+                except BaseException:
+                    lease.release()
+                    raise
+                if admission == "admitted":
+                    return lease
+                # Other balancers hold that backend's slots, or wait longer for one: wait again,
+                # in the same place in line.
+                lease.refused = True
+                lease.release()
+                requeued = True
+                if admission == "deferred":
+                    first_deferred = first_deferred or time.monotonic()
+        finally:
+            shared.done_waiting(ticket)
+
+    async def _wait_for_slot(
+        self,
+        facts: RequestFacts,
+        model: str | None,
+        excluded: frozenset[str],
+        seq: int,
+        deadline: float,
+        *,
+        requeued: bool,
+        ticket: Ticket | None = None,
+    ) -> Lease:
+        now = time.monotonic()
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         waiter = Waiter(
-            self.queue.next_seq() if seq is None else seq,
+            seq,
             model,
             future,
             now,
@@ -229,7 +307,7 @@ class Balancer:
         self.scheduler.dispatch()
         if not future.done():
             self.scheduler.queued(waiter)
-        if not future.done() and not excluded and len(self.queue) > self.config.max_queue:
+        if not future.done() and not excluded and not requeued and len(self.queue) > self.config.max_queue:
             # Only requests that must wait count against the bound (a retry keeps its place).
             self._give_up(waiter)
             self.stats.queue_rejections += 1
@@ -238,6 +316,8 @@ class Balancer:
                 retry_after_s=self._retry_after_s(),
             )
         if not future.done():
+            if ticket is not None and self.shared is not None:
+                self.shared.waiting(ticket)
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
                     await future
@@ -252,7 +332,6 @@ class Balancer:
             except BaseException:
                 self._give_up(waiter)
                 raise
-        self.stats.record_wait(time.monotonic() - now)
         return future.result()
 
     def _check_servable(self, model: str | None, facts: RequestFacts) -> None:
@@ -314,6 +393,7 @@ class Balancer:
             queue_depth=len(self.queue),
             affinity_entries=len(self.affinity),
             counters=snapshot_counters(self.stats),
+            shared=self.shared.snapshot() if self.shared is not None else None,
         )
 
 

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["BackendConfig", "BalancerConfig", "PolicyName"]
+__all__ = ["BackendConfig", "BalancerConfig", "PolicyName", "SharedConfig"]
 
 PolicyName = Literal["affinity", "least_busy", "round_robin"]
 
@@ -47,6 +47,23 @@ class BackendConfig(BaseModel):
             port = parts.port or (443 if parts.scheme == "https" else 80)
             object.__setattr__(self, "name", f"{parts.hostname}:{port}")
         return self
+
+
+class SharedConfig(BaseModel):
+    """Several balancers sharing one fleet through Redis (or Valkey): ``[shared]`` in a file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(pattern=r"^(redis|rediss|unix)://")
+    """Where Redis answers, e.g. ``redis://127.0.0.1:6379/0`` (``rediss://`` for TLS)."""
+    namespace: str = Field(default="llamacpp-ha", min_length=1)
+    """Prefix of every key and channel: balancers of different fleets may share one Redis."""
+    lease_ttl_s: float = Field(default=10.0, gt=0)
+    """A slot lease not renewed for this long is gone: a balancer that died gives its slots back."""
+    timeout_s: float = Field(default=0.5, gt=0)
+    """Longest any Redis call may take; past it the balancer admits locally until Redis answers."""
+    retry_interval_s: float = Field(default=1.0, gt=0)
+    """How often an unreachable Redis is tried again."""
 
 
 class BalancerConfig(BaseSettings):
@@ -100,6 +117,9 @@ class BalancerConfig(BaseSettings):
     down_grace_s: float = Field(default=15.0, ge=0)
     """A request for a model whose every backend is dead fails at once with 503, unless one of them
     is loading or died less than this long ago (a rolling restart): then it waits in the queue."""
+    shared: SharedConfig | None = None
+    """Share slot leases, the prefix index and session pins with other balancers through Redis
+    (needs ``llamacpp-ha[redis]``). Without it the balancer is on its own, as before."""
     allow_unknown_models: bool = False
     """Send a model no backend lists to any backend (llama-server ignores the name) instead of 404."""
 

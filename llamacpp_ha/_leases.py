@@ -60,7 +60,9 @@ class Lease:
         "prompt_chars",
         "prompt_tokens",
         "reading",
+        "refused",
         "released",
+        "shared_member",
         "timings",
         "uncached_tokens",
         "weight",
@@ -85,6 +87,10 @@ class Lease:
         """The prompt's block hashes: its slot holds them once the response is finished."""
         self.end: tuple[int, bytes] | None = None
         """The prompt's end mark (see ``PromptShape.end``)."""
+        self.shared_member: str | None = None
+        """Its id in Redis while shared mode admitted it (see ``SharedFleet``)."""
+        self.refused = False
+        """Shared mode refused it before anything was sent: nothing to learn from it."""
         self.prompt_chars = 0
         self.prompt_tokens = 0.0
         """Estimated prompt tokens."""

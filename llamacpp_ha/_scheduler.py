@@ -6,6 +6,7 @@ import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._affinity import AffinityTable
 from ._backend import Backend
@@ -16,6 +17,9 @@ from ._prefix import PrefixIndex
 from ._prompt import PromptShape
 from ._queue import Waiter, WaiterState, WaitQueue
 from ._stats import Stats
+
+if TYPE_CHECKING:
+    from ._shared import SharedFleet
 
 __all__ = ["Scheduler", "SchedulerSettings"]
 
@@ -118,6 +122,8 @@ class Scheduler:
         self.leases: set[Lease] = set()
         self._running: dict[bytes, set[Lease]] = {}
         """Running requests by their prompt's first block: their slots will hold their prompts."""
+        self.shared: SharedFleet | None = None
+        """Set in shared mode: told of releases, newly cached prompts and pins, for the peers."""
         self._generations = {backend.name: backend.generation for backend in backends}
         self._turn = 0
         self._typical_wait_s = 0.0
@@ -412,6 +418,8 @@ class Scheduler:
         self._typical_wait_s += _WAIT_ALPHA * ((now - waiter.enqueued_at) - self._typical_wait_s)
         if waiter.pin is not None:
             self._affinity.set(waiter.pin, backend.name)
+            if self.shared is not None:
+                self.shared.pinned(waiter.pin, backend.name)
         if blocks:
             lease.blocks = blocks
             lease.end = waiter.prompt.end
@@ -448,17 +456,33 @@ class Scheduler:
         backend.leases.discard(lease)
         backend.in_flight -= lease.weight
         assert backend.in_flight >= 0, "a lease was released twice"
+        if self.shared is not None:
+            self.shared.released(lease)
+        if lease.refused:
+            # Shared mode refused it before anything was sent: the waiter queues again.
+            backend.requests -= 1
+            self._stats.dispatched -= 1
+            self._forget_running(lease)
+            self.dispatch()
+            return
         if lease.blocks:
-            running = self._running.get(lease.blocks[0])
-            if running is not None:
-                running.discard(lease)
-                if not running:
-                    del self._running[lease.blocks[0]]
+            self._forget_running(lease)
             # The slot that served it now holds its prompt, and can serve what shares it.
             self.index.insert(backend.name, lease.blocks, lease.end)
-            self._queue.finished(id(lease))
+            if self.shared is not None:
+                self.shared.indexed(backend.name, lease.blocks, lease.end)
         self._learn(lease)
         self.dispatch()
+
+    def _forget_running(self, lease: Lease) -> None:
+        if not lease.blocks:
+            return
+        running = self._running.get(lease.blocks[0])
+        if running is not None:
+            running.discard(lease)
+            if not running:
+                del self._running[lease.blocks[0]]
+        self._queue.finished(id(lease))
 
     def _learn(self, lease: Lease) -> None:
         backend = lease.backend

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from pydantic import BaseModel
 
 from ._backend import Backend, BackendState
 
-__all__ = ["BackendSnapshot", "BalancerSnapshot", "Counters", "Stats"]
+__all__ = ["BackendSnapshot", "BalancerSnapshot", "Counters", "SharedSnapshot", "SharedState", "Stats"]
+
+SharedState = Literal["connecting", "shared", "local"]
 
 
 @dataclass(slots=True)
@@ -100,6 +103,28 @@ class BackendSnapshot(BaseModel):
     """The share the prefix index expected for the same responses."""
     index_blocks: int
     """Prompt blocks the prefix index believes this backend holds."""
+    shared_in_flight: int | None = None
+    """Slots every balancer sharing the fleet holds here, as Redis last said (shared mode only)."""
+
+
+class SharedSnapshot(BaseModel):
+    """Shared mode as this balancer sees it."""
+
+    url: str
+    """Redis, with any password redacted."""
+    state: SharedState
+    """``shared``: admission through Redis; ``local``: Redis unreachable, counting locally."""
+    reason: str
+    replica: str
+    """This balancer's id among the replicas."""
+    replicas: list[str]
+    """Balancers that renewed their heartbeat within ``lease_ttl_s`` (this one included)."""
+    fallbacks: int
+    """Times Redis stopped answering and admission fell back to local counting."""
+    refused: int
+    """Local grants Redis refused: other balancers held the backend's slots, or had older waiters."""
+    deferred: int
+    """Of those, grants left to an older waiter of another balancer (fleet-wide arrival order)."""
 
 
 class BalancerSnapshot(BaseModel):
@@ -110,6 +135,8 @@ class BalancerSnapshot(BaseModel):
     queue_depth: int
     affinity_entries: int
     counters: Counters
+    shared: SharedSnapshot | None = None
+    """Shared mode (Redis) as this balancer sees it; None when it balances on its own."""
 
     @property
     def in_flight(self) -> int:
@@ -140,6 +167,7 @@ def snapshot_backend(backend: Backend, index_blocks: int = 0) -> BackendSnapshot
         cached_share=backend.cached_tokens / prompt if prompt else None,
         expected_cached_share=backend.expected_cached_tokens / prompt if prompt else None,
         index_blocks=index_blocks,
+        shared_in_flight=backend.shared_total,
     )
 
 

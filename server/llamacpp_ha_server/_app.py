@@ -101,10 +101,16 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
     async def health() -> Response:
         if context.state.draining:
             return _json(503, {"status": "draining", "in_flight": context.state.in_flight})
-        backends = balancer.snapshot().backends
+        snapshot = balancer.snapshot()
+        backends = snapshot.backends
         routable = [b.name for b in backends if b.routable]
         if routable:
-            return _json(200, {"status": "ok", "routable": routable, "backends": len(backends)})
+            body: dict[str, object] = {"status": "ok", "routable": routable, "backends": len(backends)}
+            if snapshot.shared is not None:
+                # Redis down is not unhealthy: admission goes on locally; say so.
+                shared = snapshot.shared
+                body["shared"] = {"state": shared.state, "reason": shared.reason, "replicas": len(shared.replicas)}
+            return _json(200, body)
         reason = "; ".join(f"{b.name}: {b.state} ({b.reason})" for b in backends)
         return _json(503, {"status": "unavailable", "reason": f"no backend is routable: {reason}"})
 

@@ -86,6 +86,36 @@ class _EngineCollector(Collector):
             requests.add_metric([backend.name], backend.requests)
             errors.add_metric([backend.name], backend.errors)
         yield from (in_flight, capacity, busy, state, requests, errors)
+        shared = snapshot.shared
+        if shared is not None:
+            fleet = GaugeMetricFamily(
+                "llamacpp_ha_backend_shared_in_flight",
+                "Slots every balancer sharing the fleet holds on the backend (Redis).",
+                labels=["backend"],
+            )
+            for backend in snapshot.backends:
+                if backend.shared_in_flight is not None:
+                    fleet.add_metric([backend.name], backend.shared_in_flight)
+            yield fleet
+            yield GaugeMetricFamily(
+                "llamacpp_ha_shared_mode", "1 while admission is shared through Redis, 0 when local.",
+                value=1.0 if shared.state == "shared" else 0.0,
+            )  # fmt: skip
+            yield GaugeMetricFamily(
+                "llamacpp_ha_shared_replicas", "Balancers with a live heartbeat in Redis.", value=len(shared.replicas)
+            )
+            yield CounterMetricFamily(
+                "llamacpp_ha_shared_fallbacks", "Times Redis became unreachable and admission went local.",
+                value=shared.fallbacks,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "llamacpp_ha_shared_refused", "Local grants refused by Redis: other balancers held the slots.",
+                value=shared.refused,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "llamacpp_ha_shared_deferred", "Freed slots left to an older waiter of another balancer.",
+                value=shared.deferred,
+            )  # fmt: skip
         counters = snapshot.counters
         for name, value, help_text in (
             ("retries", counters.retries, "Requests sent again after a failure before any response byte."),
