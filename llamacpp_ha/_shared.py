@@ -78,6 +78,13 @@ class SharedFleet:
         on_change: Callable[[], None],
         wait_expiry_s: float = 600.0,
     ) -> None:
+        try:
+            # Imported now, not in the first request's path (a cold import takes a while).
+            import redis.asyncio  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "shared mode needs redis-py: pip install 'llamacpp-ha[redis]' (or remove [shared])"
+            ) from None
         self.config = config
         self._backends = {backend.name: backend for backend in backends}
         self._index = index
@@ -136,11 +143,13 @@ class SharedFleet:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect in the background; wait at most ``timeout_s`` for the first connection."""
+        """Connect in the background and wait for the first attempt's outcome: until then, no
+        request is admitted (admitting locally would overfill backends other balancers use).
+        Each step of the attempt has ``timeout_s``; the wait is bounded all the same."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="llamacpp-ha-shared")
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.timeout_s * 4):
+            async with asyncio.timeout(5 + 10 * self.config.timeout_s):
                 await self._connected.wait()
 
     async def aclose(self) -> None:
@@ -175,6 +184,9 @@ class SharedFleet:
                     group.create_task(self._renew_forever())
                     group.create_task(self._drain_outbox())
             except* (RedisError, OSError, TimeoutError) as failure:
+                self._fall_back(failure.exceptions[0])
+            except* Exception as failure:  # a bug must not leave admission waiting on us
+                logger.error("shared mode failed", exc_info=failure.exceptions[0])
                 self._fall_back(failure.exceptions[0])
             await asyncio.sleep(self.config.retry_interval_s)
 

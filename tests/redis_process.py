@@ -58,6 +58,13 @@ class RedisProcess:
         except redis.RedisError:
             return False
 
+    def waiting(self, model: str) -> int:
+        """Requests in the model's fleet-wide line."""
+        import redis
+
+        with redis.Redis(port=self.port, socket_timeout=1) as client:
+            return int(client.zcard(f"{NAMESPACE}:waiting:{model}"))
+
     def leases(self, backend: str) -> int:
         """Slots held in Redis on a backend, by weight, counting only unexpired leases."""
         import redis

@@ -39,7 +39,7 @@ def shared_config(redis_server: RedisProcess, *sims: SimServer, **settings: Any)
         url=redis_server.url,
         namespace=NAMESPACE,
         lease_ttl_s=settings.pop("lease_ttl_s", 3.0),
-        timeout_s=0.3,
+        timeout_s=1.0,
         retry_interval_s=0.2,
     )
     return fleet_config(*sims, shared=shared, **settings)
@@ -78,6 +78,7 @@ async def test_three_balancers_never_fill_a_backend_past_its_slots(
     clients = [AsyncOpenAI(base_url="http://llamacpp-ha/v1", api_key="-", http_client=http) for http in balancers]
     replies = await asyncio.gather(*(stream_chat(clients[i % 3], f"request {i}") for i in range(200)))
     assert all(replies)
+    assert [http.balancer.snapshot().shared.fallbacks for http in balancers] == [0, 0, 0]  # type: ignore[union-attr]
     stats = [await sim_stats(sim) for sim in fleet]
     # Without shared leases each balancer would fill every backend's 2 slots: up to 6 running
     # on a 2-slot backend, 4 of them deferred inside it.
@@ -255,6 +256,31 @@ async def test_requests_keep_succeeding_while_redis_is_down_then_sharing_resumes
         await response.aread()
     await eventually(lambda: redis_server.leases("b0") == 0)
     assert http.balancer.snapshot().in_flight == 0
+
+
+async def test_an_aborted_stream_and_a_cancelled_waiter_leave_nothing_in_redis(
+    sims: Any, redis_server: RedisProcess, balancers: list[HAAsyncClient]
+) -> None:
+    sim = sims(slots=1, decode_tokens_per_s=20)
+    a, b = (ha_client(shared_config(redis_server, sim)) for _ in range(2))
+    balancers += [a, b]
+    body = {"model": "tiny-random-llama", "prompt": "x", "max_tokens": 200, "stream": True}
+    async with a.stream("POST", "http://llamacpp-ha/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        assert redis_server.leases("b0") == 1
+        # B's request waits for the slot (held through Redis), then is cancelled.
+        waiting = asyncio.create_task(b.post("http://llamacpp-ha/v1/completions", json=body | {"stream": False}))
+        await eventually(lambda: redis_server.waiting("tiny-random-llama") == 1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        async for _ in response.aiter_bytes():
+            break  # the consumer walks away mid-stream
+    await eventually(lambda: redis_server.leases("b0") == 0)
+    await eventually(lambda: redis_server.waiting("tiny-random-llama") == 0)
+    for http in (a, b):
+        assert http.balancer.snapshot().in_flight == 0
+        assert len(http.balancer.queue) == 0
 
 
 def test_shared_mode_is_configured_by_section_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ async def test_replicas_and_sdk_balancers_share_the_slots_of_one_fleet(
     sims: Callable[..., SimServer], serve: Callable[..., AppServer], redis_server: RedisProcess
 ) -> None:
     fleet = [sims(slots=2, decode_tokens_per_s=400, prefill_tokens_per_s=20_000) for _ in range(4)]
-    shared = SharedConfig(url=redis_server.url, namespace=NAMESPACE, lease_ttl_s=3.0, timeout_s=0.3)
+    shared = SharedConfig(url=redis_server.url, namespace=NAMESPACE, lease_ttl_s=3.0, timeout_s=1.0)
     replicas = [serve(*fleet, shared=shared) for _ in range(3)]
     sdk = [ha_client(fleet_config(*fleet, shared=shared)) for _ in range(2)]
     clients = [AsyncOpenAI(base_url=f"{r.url}/v1", api_key="-") for r in replicas]
@@ -39,6 +39,9 @@ async def test_replicas_and_sdk_balancers_share_the_slots_of_one_fleet(
     try:
         replies = await asyncio.gather(*(one(i) for i in range(200)))
         assert all(replies)
+        balancers = [r.context.balancer for r in replicas] + [http.balancer for http in sdk]
+        # Admission never fell back to local counting (a Redis call that timed out would).
+        assert [b.shared.fallbacks for b in balancers if b.shared is not None] == [0] * 5
         async with httpx2.AsyncClient() as http:
             stats = [(await http.get(f"{sim.url}/sim/stats")).json() for sim in fleet]
             assert [s["peak_deferred"] for s in stats] == [0, 0, 0, 0]
