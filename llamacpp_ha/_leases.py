@@ -9,7 +9,7 @@ from ._backend import Backend
 
 __all__ = ["Lease", "Timings"]
 
-_TIMINGS = re.compile(rb'"(cache_n|prompt_n|prompt_ms)"\s*:\s*([0-9.eE+-]+)')
+_TIMINGS = re.compile(rb'"(cache_n|prompt_n|prompt_ms|predicted_n)"\s*:\s*([0-9.eE+-]+)')
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,8 @@ class Timings:
     cache_n: int
     prompt_n: int
     prompt_ms: float
+    predicted_n: int = 0
+    """Tokens generated."""
 
     @staticmethod
     def find(tail: bytes) -> Timings | None:
@@ -34,7 +36,12 @@ class Timings:
                 return None
         if b"cache_n" not in found or b"prompt_n" not in found:
             return None
-        return Timings(int(found[b"cache_n"]), int(found[b"prompt_n"]), found.get(b"prompt_ms", 0.0))
+        return Timings(
+            int(found[b"cache_n"]),
+            int(found[b"prompt_n"]),
+            found.get(b"prompt_ms", 0.0),
+            int(found.get(b"predicted_n", 0)),
+        )
 
 
 class Lease:

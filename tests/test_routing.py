@@ -113,7 +113,7 @@ def test_a_restart_empties_a_backends_index_and_misses_shrink_it() -> None:
 
 def test_timings_are_read_from_the_tail_of_a_body() -> None:
     tail = b'data: {"choices":[],"timings":{"cache_n":51,"prompt_n":1,"prompt_ms":1.224,"predicted_n":12}}\n\n'
-    assert Timings.find(tail) == Timings(51, 1, 1.224)
+    assert Timings.find(tail) == Timings(51, 1, 1.224, predicted_n=12)
     assert Timings.find(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') is None
 
 

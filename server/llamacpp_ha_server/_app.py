@@ -78,7 +78,12 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
         history=MonitorHistory(balancer, config.server.monitor_history_s),
     )
     proxy = ProxyEndpoint(
-        transport, context.state, context.metrics, config.server.max_body_bytes, config.server.body_timeout_s
+        transport,
+        context.state,
+        context.metrics,
+        config.server.max_body_bytes,
+        config.server.body_timeout_s,
+        history=context.history,
     )
 
     @contextlib.asynccontextmanager
@@ -138,6 +143,7 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
         payload = {
             "snapshot": snapshot.model_dump(mode="json"),
             "history": context.history.samples(),
+            "latest": context.history.latest(),
             "server": server,
         }
         return _json(200, payload)

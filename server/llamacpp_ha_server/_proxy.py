@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import httpx2
@@ -14,6 +15,7 @@ from llamacpp_ha import HATransport, RouteInfo
 from ._auth import key_name
 from ._errors import send_error
 from ._metrics import ServerMetrics
+from ._monitor import MonitorHistory
 
 __all__ = ["ProxyEndpoint", "ServerState"]
 
@@ -70,10 +72,12 @@ class ProxyEndpoint:
         metrics: ServerMetrics,
         max_body_bytes: int,
         body_timeout_s: float = 30.0,
+        history: MonitorHistory | None = None,
     ) -> None:
         self._transport = transport
         self._state = state
         self._metrics = metrics
+        self._history = history
         self._max_body = max_body_bytes
         self._body_timeout_s = body_timeout_s
 
@@ -152,16 +156,23 @@ class ProxyEndpoint:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     # uvicorn reports http.disconnect once the response is complete: not a client leaving.
                     completed.set()
-                    self._metrics.observe_request(info, status, key_name(scope))
-                    _log_access(scope, status, info, stream, started)
+                    self._finished(scope, status, info, stream, started)
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 finally:
                     await response.aclose()
                 watchers.cancel_scope.cancel()
         if cancel_on_disconnect.cancelled_caught and not completed.is_set():
             # 499 is nginx's "client closed request", for the metrics and the log only.
-            self._metrics.observe_request(info, 499, key_name(scope))
-            _log_access(scope, 499, info, None, started)
+            self._finished(scope, 499, info, None, started)
+
+    def _finished(self, scope: Scope, status: int, info: RouteInfo | None, stream: object, started: float) -> None:
+        self._metrics.observe_request(info, status, key_name(scope))
+        record = _access_record(scope, status, info, stream, started)
+        if self._history is not None:
+            self._history.record(record)
+        if access_log.isEnabledFor(logging.INFO):
+            text = " ".join(f"{k}={'-' if v is None else v}" for k, v in record.items())
+            access_log.info(text, extra=record)
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope, completed: anyio.Event) -> None:
@@ -173,10 +184,8 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope, comp
             return
 
 
-def _log_access(scope: Scope, status: int, info: RouteInfo | None, stream: object, started: float) -> None:
-    """One line per proxied request: what was asked, where it went, how long it took, what was cached."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return
+def _access_record(scope: Scope, status: int, info: RouteInfo | None, stream: object, started: float) -> dict[str, Any]:
+    """What was asked, where it went, how long it took, what was cached: for the log and the monitor."""
     timings = getattr(stream, "timings", None)
     fields = {
         "method": scope["method"],
@@ -189,9 +198,9 @@ def _log_access(scope: Scope, status: int, info: RouteInfo | None, stream: objec
         "total_ms": round((time.perf_counter() - started) * 1000),
         "prompt_tokens": timings.cache_n + timings.prompt_n if timings else None,
         "cached_tokens": timings.cache_n if timings else None,
+        "output_tokens": timings.predicted_n if timings else None,
         "affinity": info.affinity if info else None,
         "attempts": info.attempts if info else None,
         "key": key_name(scope),
     }
-    text = " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
-    access_log.info(text, extra=fields)
+    return fields
