@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://{config.server.host}:{config.server.port}"
             print(f"\n  API:      {base}/v1  (OpenAI-compatible; no key needed in the demo)")
             print(f"  monitor:  {base}/monitor")
-            print(f"  metrics:  {base}/metrics\n", flush=True)
+            print(f"  metrics:  {base}/metrics")
+            body = '{"model": "tiny-random-llama", "messages": [{"role": "user", "content": "Hello"}]}'
+            curl = f"curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+            print(f"  try:      {curl}\n", flush=True)
             stack.enter_context(_DemoLoad(base))
         server.run()
     return 0
