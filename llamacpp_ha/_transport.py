@@ -12,6 +12,7 @@ from ._backend import Backend, BackendState
 from ._balancer import Balancer
 from ._config import BalancerConfig
 from ._errors import BadRequestError, BalancerError, NoBackendError, UpstreamTimeoutError
+from ._headers import CREDENTIAL_HEADERS, HOP_BY_HOP
 from ._leases import Lease
 from ._request import check_json_body, parse_request
 from ._routes import Route, route_for
@@ -23,23 +24,9 @@ logger = logging.getLogger("llamacpp_ha")
 
 BACKEND_HEADER = "x-llamacpp-ha-backend"
 _MODEL_PATHS = frozenset({"/v1/models", "/models"})
-# Hop-by-hop headers, plus X-Conversation-Id: with it llama-server keeps generating after the
-# client left (a resumable stream), which would hold a slot we believe is free.
-_DROPPED_HEADERS = frozenset(
-    {
-        b"host",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"x-conversation-id",
-    }
-)
-_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
-"""Replaced by the backend's own key when it has one."""
+# Plus X-Conversation-Id: with it llama-server keeps generating after the client left (a
+# resumable stream), which would hold a slot we believe is free.
+_DROPPED_HEADERS = HOP_BY_HOP | {b"host", b"x-conversation-id"}
 _STALE_RETRIES = 4
 _RETRYABLE = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ConnectTimeout)
 
@@ -240,7 +227,7 @@ class HATransport(httpx2.AsyncBaseTransport):
             raw_path=base.raw_path.rstrip(b"/") + request.url.raw_path,
         )
         # Raw bytes: a header value that is not ASCII (``X-Title: café``) is forwarded as sent.
-        dropped = _DROPPED_HEADERS | _CREDENTIAL_HEADERS if backend.auth_headers else _DROPPED_HEADERS
+        dropped = _DROPPED_HEADERS | CREDENTIAL_HEADERS if backend.auth_headers else _DROPPED_HEADERS
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in dropped]
         headers += [(k.encode(), v.encode()) for k, v in backend.auth_headers.items()]
         if close:

@@ -113,6 +113,17 @@ async def test_a_stale_pooled_connection_is_retried_on_the_same_backend(client_f
     assert balancer_of(client).balancer.snapshot().in_flight == 0
 
 
+async def test_no_hop_by_hop_header_reaches_a_backend(client_for: Client) -> None:
+    fleet = MockFleet.of("gpu1")
+    client = client_for(fleet)
+    hop = {"te": "trailers", "upgrade": "h2c", "proxy-authorization": "Basic eA==", "trailer": "x-t", "keep-alive": "5"}
+    response = await client.post("/v1/chat/completions", json=CHAT, headers={**hop, "x-kept": "yes"})
+    assert response.status_code == 200
+    (sent,) = fleet.requests
+    assert not set(hop) & set(sent.headers)
+    assert sent.headers["x-kept"] == "yes"
+
+
 async def test_a_streamed_request_asks_for_its_connection_to_be_closed(client_for: Client) -> None:
     # llama-server closes it after the stream anyway; pooled, it would fail the next request.
     fleet = MockFleet.of("gpu1")

@@ -11,6 +11,7 @@ import httpx2
 from starlette.types import Message, Receive, Scope, Send
 
 from llamacpp_ha import HATransport, RouteInfo
+from llamacpp_ha._headers import CREDENTIAL_HEADERS, HOP_BY_HOP
 
 from ._auth import key_name
 from ._errors import send_error
@@ -22,9 +23,11 @@ __all__ = ["ProxyEndpoint", "ServerState"]
 access_log = logging.getLogger("llamacpp_ha.access")
 
 # The proxy's own key must not reach a backend (each backend's key comes from the config).
-_DROPPED_REQUEST_HEADERS = frozenset({b"host", b"authorization", b"x-api-key", b"connection", b"keep-alive"})
+# The proxy's own key never reaches a backend (a backend's key is added by the engine).
+_DROPPED_REQUEST_HEADERS = HOP_BY_HOP | CREDENTIAL_HEADERS | {b"host"}
+# uvicorn writes its own framing, Server and Date; CORS is the server's to answer.
 _DROPPED_RESPONSE_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "server", "date", "access-control-allow-origin"}
+    {header.decode() for header in HOP_BY_HOP} | {"server", "date", "access-control-allow-origin"}
 )
 
 
