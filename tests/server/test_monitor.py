@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from llamacpp_ha.sim import SimServer
+from llamacpp_ha.sim import SimServer, free_port
 
 from .conftest import AppServer
 
@@ -66,7 +66,9 @@ async def _chromium(*flags: str, url: str, profile: str) -> subprocess.Completed
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
 async def test_the_page_draws_every_chart_at_laptop_and_phone_widths(sims: Sims, serve: Serve, tmp_path: Path) -> None:
-    server = serve(sims(slots=2), sims(slots=3), server={"api_keys": [{"key": "monitor-key", "name": "ops"}]})
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    keys = {"api_keys": [{"key": "monitor-key", "name": "ops"}]}
+    server = serve(sims(slots=2), sims(slots=3), dead, server=keys)
     body = {"model": "tiny-random-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     async with httpx2.AsyncClient(base_url=server.url, headers={"authorization": "Bearer monitor-key"}) as http:
         for _ in range(3):  # requests across several history samples
@@ -86,6 +88,8 @@ async def test_the_page_draws_every_chart_at_laptop_and_phone_widths(sims: Sims,
         assert 'data-backend="b1"' in dom
         assert len(re.findall(r'class="slot(?: ours| other)?"', dom)) == 5  # 2 + 3 slot boxes
         assert "tiny-random-llama.gguf" in dom
+        # A dead backend says why.
+        assert re.search(r'class="state dead">dead<div class="reason">/health: ConnectError', dom)
         for chart in CHARTS:
             drawn = re.search(rf'<svg[^>]*id="chart-{chart}"[^>]*data-points="(\d+)"', dom)
             assert drawn is not None, f"{name}: chart {chart} was not drawn"
