@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from ._backend import BackendState
 from ._balancer import Balancer
 from ._client import HAAsyncClient, ha_client
@@ -18,10 +21,25 @@ from ._errors import (
     UpstreamTimeoutError,
 )
 from ._stats import BackendSnapshot, BalancerSnapshot, Counters, SharedSnapshot
-from ._sync import HASyncClient, SyncHATransport, ha_sync_client
 from ._transport import HATransport, RouteInfo
 
+if TYPE_CHECKING:
+    from ._sync import HASyncClient, SyncHATransport, ha_sync_client
+
 __version__ = "0.1.0"
+
+# The sync face pulls in anyio's thread portal: imported when first used, not by every import.
+_LAZY = {"HASyncClient": "._sync", "SyncHATransport": "._sync", "ha_sync_client": "._sync"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BackendConfig",

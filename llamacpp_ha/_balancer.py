@@ -13,7 +13,6 @@ import httpx2
 from ._affinity import AffinityTable
 from ._backend import Backend, BackendState
 from ._config import BalancerConfig
-from ._display import render_html, render_text
 from ._errors import (
     BalancerClosedError,
     ContextLengthError,
@@ -380,9 +379,13 @@ class Balancer:
         return max(1.0, min(self.config.queue_timeout_s, 30.0))
 
     def __repr__(self) -> str:
+        from ._display import render_text  # only for people looking: not on every import
+
         return render_text(self.snapshot())
 
     def _repr_html_(self) -> str:
+        from ._display import render_html
+
         return render_html(self.snapshot())
 
     def snapshot(self) -> BalancerSnapshot:

@@ -38,6 +38,18 @@ def test_a_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no such file" in capsys.readouterr().err
 
 
+def test_importing_the_package_leaves_the_sync_face_and_display_for_later() -> None:
+    # Import time: anyio's thread portal and the HTML/text display load when first used.
+    code = (
+        "import sys, llamacpp_ha\n"
+        "print(sorted(m for m in ('llamacpp_ha._sync', 'llamacpp_ha._display', 'redis') if m in sys.modules))\n"
+        "from llamacpp_ha import ha_sync_client, SyncHATransport\n"
+        "print(ha_sync_client.__module__, 'llamacpp_ha._sync' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("\n")[:2] == ["[]", "llamacpp_ha._sync True"], result.stderr
+
+
 def test_the_engine_imports_without_fastapi() -> None:
     code = (
         "import sys, pkgutil, importlib\n"
