@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
+import importlib as _importlib
+import typing as _typing
 
 from ._backend import BackendState
 from ._balancer import Balancer
@@ -23,7 +23,7 @@ from ._errors import (
 from ._stats import BackendSnapshot, BalancerSnapshot, Counters, SharedSnapshot
 from ._transport import HATransport, RouteInfo
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ._sync import HASyncClient, SyncHATransport, ha_sync_client
 
 __version__ = "0.1.0"
@@ -36,9 +36,13 @@ def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(_importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
