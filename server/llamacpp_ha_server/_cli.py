@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         context: ServerContext = app.state.llamacpp_ha
         uv_config = uvicorn.Config(
             app, host=config.server.host, port=config.server.port, log_level=args.log_level, access_log=False,
-            timeout_graceful_shutdown=1, ws="none",
+            timeout_graceful_shutdown=1, ws="none", timeout_keep_alive=config.server.keep_alive_s,
             http=http_protocol(header_timeout_s=config.server.header_timeout_s,
                                max_connections=config.server.max_connections),
         )  # fmt: skip

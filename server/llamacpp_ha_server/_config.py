@@ -50,6 +50,10 @@ class ServerSettings(BaseModel):
     """Longest wait for the next piece of a request body; then 408."""
     max_connections: int = Field(default=2048, ge=1)
     """Open connections beyond this get 503 at once."""
+    keep_alive_s: int = Field(default=75, ge=1)
+    """An idle keep-alive connection is closed after this long. Longer than clients keep idle
+    connections pooled (httpx 5 s, aiohttp 15 s): with uvicorn's 5 s default, a client reusing a
+    connection just as the server closes it gets a reset. nginx's default is 75 s too."""
     monitor_history_s: int = Field(default=600, ge=10)
     """How much history the monitor's charts keep, sampled once a second."""
 

@@ -30,8 +30,9 @@ class AppServer:
         settings = app.state.llamacpp_ha.config.server
         protocol = http_protocol(header_timeout_s=settings.header_timeout_s, max_connections=settings.max_connections)
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, http=protocol, ws="none"
-        )
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, http=protocol, ws="none",
+            timeout_keep_alive=settings.keep_alive_s,
+        )  # fmt: skip
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve(sockets=[sock])), daemon=True)
         self._thread.start()

@@ -115,3 +115,19 @@ def test_odd_methods_and_upgrades_get_an_answer(sims: Sims, serve: Serve, reques
     error = body["error"]
     assert isinstance(error, dict)
     assert {"message", "type", "code"} <= set(error)
+
+
+def test_an_idle_keep_alive_connection_outlives_client_pools(sims: Sims, serve: Serve) -> None:
+    # httpx keeps an idle connection 5 s: the server must keep it longer, or a client reusing it
+    # just as the server closes it gets a reset (uvicorn's own default is exactly 5 s).
+    server = serve(sims(slots=1), server={"keep_alive_s": 8})
+    request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(request)
+        status, _, closed = read_response(sock)  # waits 1 s for a close
+        assert (status, closed) == (200, False)
+        time.sleep(5.0)  # 6 s idle in all
+        sock.sendall(request)
+        status, body, _ = read_response(sock)
+    assert status == 200
+    assert body["object"] == "list"
