@@ -16,14 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamacpp_ha import Balancer, HATransport
 from llamacpp_ha._routes import ROUTES
 
 from ._auth import ApiKeyMiddleware
 from ._config import ServerConfig
-from ._errors import error_body
+from ._errors import error_body, send_error
 from ._metrics import ServerMetrics
 from ._monitor import MonitorHistory, monitor_page
 from ._proxy import ProxyEndpoint, ServerState
@@ -45,6 +45,36 @@ class ServerContext:
     state: ServerState
     metrics: ServerMetrics
     history: MonitorHistory
+
+
+class _InternalErrors:
+    """An unexpected error becomes one logged traceback and a 500 in OpenAI's shape, and the
+    keep-alive connection stays usable. (Starlette's handler for ``Exception`` re-raises after
+    answering, and uvicorn then drops the connection: the client's next request on it failed.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # the answer is half sent: closing the connection is all that is left
+            await send_error(
+                send, 500, "Internal error in the balancer; see its log.", "server_error", "internal_error"
+            )
 
 
 class _ProxyDispatch:
@@ -163,12 +193,6 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
         body = error_body(message.get(exc.status_code, str(exc.detail)), error_type, code)
         return Response(body, status_code=exc.status_code, media_type="application/json", headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        body = error_body("Internal error in the balancer; see its log.", "server_error", "internal_error")
-        return Response(body, status_code=500, media_type="application/json")
-
     # Innermost of our middlewares: proxied requests skip FastAPI's own stack and router (a
     # profile showed them at several percent of the proxy's CPU per request).
     app.add_middleware(_ProxyDispatch, proxy=proxy)
@@ -177,4 +201,5 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
         app.add_middleware(
             CORSMiddleware, allow_origins=config.server.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
+    app.add_middleware(_InternalErrors)  # outermost of ours: whatever fails inside is answered here
     return app

@@ -131,3 +131,20 @@ def test_an_idle_keep_alive_connection_outlives_client_pools(sims: Sims, serve: 
         status, body, _ = read_response(sock)
     assert status == 200
     assert body["object"] == "list"
+
+
+def test_after_an_internal_error_the_connection_serves_the_next_request(sims: Sims, serve: Serve) -> None:
+    server = serve(sims(slots=1))
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("a bug")
+
+    server.context.balancer.models_payload = broken  # type: ignore[method-assign]
+    with connect(server) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, body, closed = read_response(sock)
+        assert (status, body["error"]["code"], closed) == (500, "internal_error", False)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, body, _ = read_response(sock)
+    assert status == 200
+    assert body["status"] == "ok"
