@@ -20,16 +20,25 @@ from ._errors import (
     QueueTimeoutError,
     UpstreamTimeoutError,
 )
-from ._stats import BackendSnapshot, BalancerSnapshot, Counters, SharedSnapshot
 from ._transport import HATransport, RouteInfo
 
 if _typing.TYPE_CHECKING:
+    from ._snapshot import BackendSnapshot, BalancerSnapshot, Counters, SharedSnapshot
     from ._sync import HASyncClient, SyncHATransport, ha_sync_client
 
 __version__ = "0.1.0"
 
-# The sync face pulls in anyio's thread portal: imported when first used, not by every import.
-_LAZY = {"HASyncClient": "._sync", "SyncHATransport": "._sync", "ha_sync_client": "._sync"}
+# Imported when first used, not by every import: the sync face pulls in anyio's thread portal,
+# the snapshot models are pydantic classes built at import.
+_LAZY = {
+    "HASyncClient": "._sync",
+    "SyncHATransport": "._sync",
+    "ha_sync_client": "._sync",
+    "BackendSnapshot": "._snapshot",
+    "BalancerSnapshot": "._snapshot",
+    "Counters": "._snapshot",
+    "SharedSnapshot": "._snapshot",
+}
 
 
 def __getattr__(name: str) -> object:

@@ -27,11 +27,11 @@ from ._queue import Waiter, WaitQueue
 from ._registry import Registry
 from ._request import RequestFacts
 from ._scheduler import Scheduler, SchedulerSettings
-from ._shared import ORDER_GRACE_S
-from ._stats import BalancerSnapshot, Stats, snapshot_backend, snapshot_counters
+from ._stats import Stats
 
 if TYPE_CHECKING:
     from ._shared import SharedFleet, Ticket
+    from ._snapshot import BalancerSnapshot
 
 __all__ = ["CONTEXT_MARGIN", "Balancer"]
 
@@ -261,7 +261,7 @@ class Balancer:
                 lease = await self._wait_for_slot(
                     facts, model, excluded, seq, deadline, requeued=requeued, ticket=ticket
                 )
-                force = first_deferred is not None and time.monotonic() - first_deferred >= ORDER_GRACE_S
+                force = first_deferred is not None and time.monotonic() - first_deferred >= shared.order_grace_s
                 try:
                     admission = await shared.admit(lease, ticket, force=force)
                 except BaseException:
@@ -390,6 +390,8 @@ class Balancer:
 
     def snapshot(self) -> BalancerSnapshot:
         """The fleet and the balancer's counters now, as a JSON-serializable model."""
+        from ._snapshot import BalancerSnapshot, snapshot_backend, snapshot_counters
+
         return BalancerSnapshot(
             policy=self.config.policy,
             backends=[snapshot_backend(b, self.scheduler.index.size(b.name)) for b in self.backends],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from ._stats import BalancerSnapshot
+from ._snapshot import BalancerSnapshot
 
 __all__ = ["render_html", "render_text"]
 

@@ -35,7 +35,7 @@ from ._backend import Backend, redact_url
 from ._config import SharedConfig
 from ._leases import Lease
 from ._scripts import ACQUIRE, COUNT, RELEASE, RENEW, WAIT
-from ._stats import SharedSnapshot, SharedState
+from ._snapshot import SharedSnapshot, SharedState
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -104,6 +104,7 @@ class SharedFleet:
         self._held: dict[str, Lease] = {}
         """Our leases Redis admitted, by member."""
         self.deferred = 0
+        self.order_grace_s = ORDER_GRACE_S
         self._claimed_elsewhere: set[str] = set()
         """Backends with a free slot we left to an older waiter of another balancer."""
         self._outbox: list[tuple[str, Any]] = []

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from ._client import HAAsyncClient, ha_client
 from ._config import BackendConfig, BalancerConfig
-from ._stats import BalancerSnapshot
+from ._snapshot import BalancerSnapshot
 
 TOPICS = ("llamas", "the moon", "sourdough", "chess openings", "tide pools", "jazz", "volcanoes", "origami")
 

@@ -42,7 +42,8 @@ def test_importing_the_package_leaves_the_sync_face_and_display_for_later() -> N
     # Import time: anyio's thread portal and the HTML/text display load when first used.
     code = (
         "import sys, llamacpp_ha\n"
-        "print(sorted(m for m in ('llamacpp_ha._sync', 'llamacpp_ha._display', 'redis') if m in sys.modules))\n"
+        "later = ('llamacpp_ha._sync', 'llamacpp_ha._display', 'llamacpp_ha._snapshot', 'llamacpp_ha._shared')\n"
+        "print(sorted(m for m in later if m in sys.modules))\n"
         "from llamacpp_ha import ha_sync_client, SyncHATransport\n"
         "print(ha_sync_client.__module__, 'llamacpp_ha._sync' in sys.modules)\n"
     )
