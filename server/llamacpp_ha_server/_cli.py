@@ -178,9 +178,14 @@ class _DemoLoad:
                     break
                 await asyncio.sleep(0.2)
 
+            # Prompts long enough for the prefix index (several 512-byte blocks), so the monitor
+            # shows routing at work: a shared system prompt, then each conversation's own text.
+            system = "You are a helpful demo assistant. " + " ".join(f"Rule {i}: be brief." for i in range(40))
+
             async def conversation(index: int) -> None:
-                messages = [{"role": "system", "content": "You are a helpful demo."},
-                            {"role": "user", "content": f"Tell me a story, number {index}."}]  # fmt: skip
+                story = " ".join(f"chapter {index}.{i} of the story" for i in range(25))
+                messages = [{"role": "system", "content": system},
+                            {"role": "user", "content": f"Summarize this, number {index}: {story}"}]  # fmt: skip
                 for _ in range(3):
                     if self._stop.is_set():
                         return
