@@ -100,6 +100,8 @@ class SharedFleet:
         self.replicas: list[str] = []
         self._ns = config.namespace
         self._channel = f"{self._ns}:events"
+        self._replicas_key = f"{self._ns}:replicas"
+        self._ttl_ms = int(config.lease_ttl_s * 1000)
         self._ids = itertools.count()
         self._held: dict[str, Lease] = {}
         """Our leases Redis admitted, by member."""
@@ -166,7 +168,7 @@ class SharedFleet:
                     async with self._client.pipeline(transaction=False) as pipe:
                         for member, lease in self._held.items():
                             pipe.zrem(self._leases_key(lease.backend.name), member)
-                        pipe.zrem(f"{self._ns}:replicas", self.replica)
+                        pipe.zrem(self._replicas_key, self.replica)
                         await pipe.execute()
         self._held.clear()
         if self._client is not None:
@@ -206,11 +208,13 @@ class SharedFleet:
         self._count_script = self._client.register_script(COUNT)
         self._renew_script = self._client.register_script(RENEW)
         self._wait_script = self._client.register_script(WAIT)
-        if self.state != "shared":
-            if self.state == "local":
-                logger.warning("shared mode: Redis at %s answers again; admission is shared", self._display_url)
-            self.state = "shared"
-            self.reason = "Redis answers"
+        self._answering()
+
+    def _answering(self) -> None:
+        """Redis answered: admission is shared (again, after a fallback)."""
+        if self.state == "local":
+            logger.warning("shared mode: Redis at %s answers again; admission is shared", self._display_url)
+        self.state, self.reason = "shared", "Redis answers"
 
     def _fall_back(self, error: BaseException) -> None:
         if self.state != "local":
@@ -244,7 +248,6 @@ class SharedFleet:
             return "admitted"
         backend = lease.backend
         member = f"{self.replica}|{next(self._ids)}|{lease.weight}"
-        ttl_ms = int(self.config.lease_ttl_s * 1000)
         # What this balancer sent but Redis has not seen yet (a release just before, a place in
         # line) goes first, in the same round trip: the decision sees it.
         try:
@@ -255,9 +258,9 @@ class SharedFleet:
                 async with self._client.pipeline(transaction=False) as pipe:
                     await self._queue_ops(pipe, pending)
                     await self._acquire_script(
-                        keys=[self._leases_key(backend.name), ticket.line, f"{self._ns}:replicas"],
+                        keys=[self._leases_key(backend.name), ticket.line, self._replicas_key],
                         args=[
-                            backend.capacity, lease.weight, member, ttl_ms, self._channel, backend.name,
+                            backend.capacity, lease.weight, member, self._ttl_ms, self._channel, backend.name,
                             ticket.member, ticket.arrival_ms, "1" if force else "0",
                         ],
                         client=pipe,
@@ -281,7 +284,7 @@ class SharedFleet:
                 # next news of this backend (its admission), so no local waiter asks for it again.
                 self._claimed_elsewhere.add(backend.name)
                 self._set_total(backend, int(total))
-                asyncio.get_running_loop().call_later(ORDER_GRACE_S, self._unclaim, backend)
+                asyncio.get_running_loop().call_later(self.order_grace_s, self._unclaim, backend)
                 return "deferred"
             self._set_total(backend, int(total))
             return "full"
@@ -374,7 +377,7 @@ class SharedFleet:
         interval = self.config.lease_ttl_s / 3
         names = list(self._backends)
         keys = [self._leases_key(name) for name in names]
-        ttl_ms = int(self.config.lease_ttl_s * 1000)
+        ttl_ms = self._ttl_ms
         while True:
             held = list(self._held.items())
             async with asyncio.timeout(self.config.timeout_s):
@@ -386,14 +389,12 @@ class SharedFleet:
                 now = await self._client.time()
                 now_ms = now[0] * 1000 + now[1] // 1000
                 async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.zadd(f"{self._ns}:replicas", {self.replica: now_ms})
-                    pipe.zremrangebyscore(f"{self._ns}:replicas", "-inf", now_ms - 10 * ttl_ms)
-                    pipe.zrangebyscore(f"{self._ns}:replicas", now_ms - ttl_ms, "+inf")
+                    pipe.zadd(self._replicas_key, {self.replica: now_ms})
+                    pipe.zremrangebyscore(self._replicas_key, "-inf", now_ms - 10 * ttl_ms)
+                    pipe.zrangebyscore(self._replicas_key, now_ms - ttl_ms, "+inf")
                     replicas = (await pipe.execute())[2]
                 counts = await self._count_script(keys=keys, args=[])
-            if self.state != "shared":
-                logger.warning("shared mode: Redis at %s answers again; admission is shared", self._display_url)
-                self.state, self.reason = "shared", "Redis answers"
+            self._answering()
             self.replicas = sorted(r.decode() if isinstance(r, bytes) else str(r) for r in replicas)
             for name, count in zip(names, counts, strict=True):
                 self._set_total(self._backends[name], int(count))
