@@ -319,11 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         print("\nat 80% load, llamacpp-ha (affinity) against round robin:")
         print("\n".join(f"  {line}" for line in targets))
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.output_dir / "fleet.json").write_text(
-        json.dumps({"settings": settings, "targets": targets, "cells": [asdict(c) for c in cells]}, indent=2) + "\n"
-    )
+    write_results(args.output_dir / "fleet.json", args, targets, [asdict(c) for c in cells])
     draw(cells, args.output_dir / "fleet.png")
     print(f"\nwrote {args.output_dir / 'fleet.json'} and {args.output_dir / 'fleet.png'}")
     return 0

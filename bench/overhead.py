@@ -32,17 +32,14 @@ import httpx2
 from llamacpp_ha import BackendConfig, BalancerConfig, ha_client
 from llamacpp_ha.sim import SimProcess, free_port
 
+from .fleet import percentile
+
 RESULTS = Path(__file__).parent / "results"
 CHAT = {"model": "tiny-random-llama", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
 STREAM = {**CHAT, "max_tokens": 100, "stream": True}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 Call = Callable[[], Awaitable[None]]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def process_cpu_s(pid: int) -> float:

@@ -38,7 +38,7 @@ from typing import Any
 from llamacpp_ha import BackendConfig, BalancerConfig, SharedConfig, ha_client
 from llamacpp_ha.sim import SimProcess, free_port
 
-from .overhead import percentile
+from .fleet import percentile
 
 RESULTS = Path(__file__).parent / "results"
 BODY = {"model": "tiny-random-llama", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}

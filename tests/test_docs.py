@@ -61,9 +61,13 @@ def test_the_readme_config_blocks_load() -> None:
     from llamacpp_ha_server import ServerConfig
 
     fleet, server, shared = _blocks("toml")
-    BalancerConfig(**tomllib.loads(fleet))
-    ServerConfig(**tomllib.loads(server))
-    SharedConfig(**tomllib.loads(shared)["shared"])
+    # Each loads (a typo in a field name fails here) and says what the README says it does.
+    assert [b.url for b in BalancerConfig(**tomllib.loads(fleet)).backends] == [
+        "http://127.0.0.1:8080",
+        "http://127.0.0.1:8081",
+    ]
+    assert [key.name for key in ServerConfig(**tomllib.loads(server)).server.api_keys] == ["team-a", "key-2"]
+    assert SharedConfig(**tomllib.loads(shared)["shared"]).url == "redis://127.0.0.1:6379/0"
 
 
 def test_the_readme_uses_the_demo_model() -> None:

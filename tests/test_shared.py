@@ -53,6 +53,17 @@ async def balancers() -> AsyncIterator[list[HAAsyncClient]]:
         await client.aclose()
 
 
+async def two_balancers(
+    redis_server: RedisProcess, sim: SimServer, balancers: list[HAAsyncClient]
+) -> tuple[HAAsyncClient, HAAsyncClient]:
+    """Two balancers sharing ``sim`` through Redis, started (closed by the ``balancers`` fixture)."""
+    a, b = (ha_client(shared_config(redis_server, sim)) for _ in range(2))
+    balancers += [a, b]
+    for http in (a, b):
+        await http.balancer.start()
+    return a, b
+
+
 async def sim_stats(sim: SimServer) -> dict[str, Any]:
     async with httpx2.AsyncClient() as client:
         stats: dict[str, Any] = (await client.get(f"{sim.url}/sim/stats")).json()
@@ -101,11 +112,7 @@ async def test_a_freed_slot_goes_to_the_oldest_waiter_of_any_balancer(
     # One slot. B runs a request; A's request waits for the slot, then B gets a younger one.
     # When B's request ends, B's own waiter is one step from the slot (a local release grants at
     # once) but A's is older: it must go first.
-    sim = sims(slots=1, decode_tokens_per_s=50)
-    a, b = (ha_client(shared_config(redis_server, sim)) for _ in range(2))
-    balancers += [a, b]
-    for http in (a, b):
-        await http.balancer.start()
+    a, b = await two_balancers(redis_server, sims(slots=1, decode_tokens_per_s=50), balancers)
     started: dict[str, float] = {}
 
     async def run(name: str, http: HAAsyncClient, tokens: int) -> None:
@@ -261,9 +268,7 @@ async def test_requests_keep_succeeding_while_redis_is_down_then_sharing_resumes
 async def test_an_aborted_stream_and_a_cancelled_waiter_leave_nothing_in_redis(
     sims: Any, redis_server: RedisProcess, balancers: list[HAAsyncClient]
 ) -> None:
-    sim = sims(slots=1, decode_tokens_per_s=20)
-    a, b = (ha_client(shared_config(redis_server, sim)) for _ in range(2))
-    balancers += [a, b]
+    a, b = await two_balancers(redis_server, sims(slots=1, decode_tokens_per_s=20), balancers)
     body = {"model": "tiny-random-llama", "prompt": "x", "max_tokens": 200, "stream": True}
     async with a.stream("POST", "http://llamacpp-ha/v1/completions", json=body) as response:
         assert response.status_code == 200
