@@ -27,6 +27,11 @@ class BackendState(StrEnum):
     """Answers 503 ``Loading model``: not routable until loaded."""
     DEAD = "dead"
     """Does not answer at all."""
+    UNLOADED = "unloaded"
+    """A router-mode server's model that is not loaded now: the first request sent loads it."""
+
+
+_ROUTABLE = frozenset({BackendState.HEALTHY, BackendState.UNLOADED})
 
 
 def redact_url(url: str) -> str:
@@ -104,7 +109,8 @@ class Backend:
         self.leases: set[Lease] = set()
         """Our leases on this backend now."""
         self.generation = 0
-        """Counts the times the backend became ready: a new generation has empty prompt caches."""
+        """Counts the times the backend became ready (a router's model: stopped running): a new
+        generation has empty prompt caches."""
         self.prefill_rate: float | None = None
         """Learned prompt tokens per second (moving average of what responses report)."""
         self.service_s: float | None = None
@@ -115,6 +121,18 @@ class Backend:
         """Of those, served from the backend's prompt cache (``timings.cache_n``)."""
         self.expected_cached_tokens = 0.0
         """What the prefix index expected to be cached, for the same responses."""
+        self.is_router = False
+        """A router-mode llama-server (``--models-dir``): it serves through its ``children``, one per model."""
+        self.children: dict[str, Backend] = {}
+        """Router mode: one backend per model the router lists, each with its own slots and cache."""
+        self.router: Backend | None = None
+        """Set on a router's model: the router whose URL it is reached at."""
+        self.router_model: str | None = None
+        """Set on a router's model: its id, sent as ``?model=`` on polls."""
+        self.autoload = False
+        """A router's model: the router loads it on the first request (``--models-autoload``)."""
+        self.load_s: float | None = None
+        """A router's model: learned time from the request that loads it to its first byte."""
 
     @staticmethod
     def _names_for(ids: tuple[str, ...], aliases: tuple[str, ...]) -> set[str]:
@@ -123,11 +141,21 @@ class Backend:
             names |= model_names(model_id)
         return names | model_names(aliases[0], aliases) if aliases else names
 
+    def child(self, model_id: str) -> Backend:
+        """This router's backend for one of its models, made when first listed."""
+        found = self.children.get(model_id)
+        if found is None:
+            config = BackendConfig(url=self.config.url, name=f"{self.name}/{model_id}", api_key=self.config.api_key)
+            found = Backend(config)
+            found.router = self
+            found.router_model = model_id
+            found.display_url = f"{self.display_url} (model {model_id})"
+            self.children[model_id] = found
+        return found
+
     def _update_free(self) -> None:
-        capacity = self.config.capacity or self._reported_capacity
-        routable = self._state is BackendState.HEALTHY and capacity > 0
         used = self._in_flight + self._external + self._shared_others
-        self.free = max(0, capacity - used) if routable else 0
+        self.free = max(0, self.capacity - used) if self.routable else 0
 
     @property
     def state(self) -> BackendState:
@@ -180,11 +208,14 @@ class Backend:
 
     @property
     def capacity(self) -> int:
+        if self._state is BackendState.UNLOADED:
+            # One request loads the model; the rest wait here until a poll reads its slots.
+            return 1 if self.autoload else 0
         return self.config.capacity or self._reported_capacity
 
     @property
     def routable(self) -> bool:
-        return self._state is BackendState.HEALTHY and self.capacity > 0
+        return self._state in _ROUTABLE and self.capacity > 0
 
     @property
     def free_slots(self) -> int:
@@ -192,8 +223,16 @@ class Backend:
 
     @property
     def load(self) -> float:
-        """Busy fraction of the slots, ours and others'."""
+        """Busy fraction of the slots, ours and others'. A model still to load counts as full:
+        any free slot of a loaded one is better."""
+        if self._state is BackendState.UNLOADED:
+            return 1.0
         return (self.in_flight + self.external + self.shared_others) / self.capacity if self.capacity else 1.0
+
+    @property
+    def runs_model(self) -> bool:
+        """Its model runs, is loading, or is being loaded by a request of ours."""
+        return self._state in (BackendState.HEALTHY, BackendState.LOADING) or self._in_flight > 0
 
     def pending_prefill(self, now: float) -> float:
         """Uncached prompt tokens of our requests that are still being processed here."""
@@ -213,9 +252,15 @@ class Backend:
         self.reason = reason
         if state is self.state:
             return
-        level = logging.WARNING if state in (BackendState.DEAD, BackendState.LOADING) else logging.INFO
+        # A router loading or unloading one of its models is routine; a server doing so restarted.
+        routine = self.router is not None and state is not BackendState.DEAD
+        level = logging.WARNING if state in (BackendState.DEAD, BackendState.LOADING) and not routine else logging.INFO
         logger.log(level, "backend %s (%s): %s -> %s: %s", self.name, self.display_url, self.state, state, reason)
-        if state is BackendState.HEALTHY:
+        if self.router is None and state is BackendState.HEALTHY:
+            self.generation += 1
+        elif self.router is not None and self.state is BackendState.HEALTHY:
+            # A router's model stopped running (unloaded, or its router is down): its cache is gone.
+            # Not counted when it comes back, since the request that loaded it filled it already.
             self.generation += 1
         self.state_since = time.monotonic()
         self.state = state

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -64,6 +65,7 @@ class Balancer:
         )
         policy = make_policy(config.policy)
         self.scheduler = Scheduler(self.backends, self.queue, policy, self.affinity, self.stats, settings)
+        self.scheduler.model_loaded = self.wake_poller
         self.shared: SharedFleet | None = None
         """Set when ``config.shared`` names a Redis: slot leases, index and pins shared with peers."""
         if config.shared is not None:
@@ -138,18 +140,29 @@ class Balancer:
 
     async def poll_now(self) -> None:
         """Poll every backend once, then dispatch what the new state allows."""
-        await asyncio.gather(*(self.poll_backend(backend) for backend in self.backends))
+        await asyncio.gather(*(self.poll_backend(b) for b in self.backends if b.router is None))
 
     async def poll_backend(self, backend: Backend) -> None:
-        """Poll one backend and act on the result at once."""
+        """Poll one backend (a router with its models) and act on the result at once."""
         try:
             await self._registry().poll(backend)
         except Exception:
             logger.exception("polling backend %s failed", backend.name)
         backend.polled = True
+        self._adopt(backend.children.values())
         if all(b.polled for b in self.backends):
             self._polled.set()
         self.scheduler.backends_changed()
+
+    def _adopt(self, children: Iterable[Backend]) -> None:
+        """A router listed models not seen before: each becomes a backend to route to."""
+        for child in children:
+            if not child.polled:
+                child.polled = True
+                self.backends.append(child)
+                self.scheduler.backend_added(child)
+                if self.shared is not None:
+                    self.shared.backend_added(child)
 
     def _registry(self) -> Registry:
         if self._registry_instance is None:
@@ -159,7 +172,7 @@ class Balancer:
 
     def wake_poller(self, backend: Backend) -> None:
         """Poll this backend now instead of at its next interval (it just failed); no other."""
-        self._poll_soon.add(backend.name)
+        self._poll_soon.add((backend.router or backend).name)
         self._wake_poller.set()
 
     async def _expire_idle_leases(self) -> None:
@@ -192,10 +205,10 @@ class Balancer:
         return any(b.routable and b.serves(key) and b.name not in excluded for b in self.backends)
 
     def model_ids(self) -> list[str]:
-        """Model ids served by healthy backends, in backend order, each once."""
+        """Model ids served by routable backends (a router's unloaded models too), in backend order, each once."""
         ids: dict[str, None] = {}
         for backend in self.backends:
-            if backend.state is BackendState.HEALTHY:
+            if backend.routable:
                 ids.update(dict.fromkeys(backend.model_ids))
         return list(ids)
 
@@ -203,7 +216,7 @@ class Balancer:
         """``GET /v1/models`` in OpenAI's list shape, answered from the registry."""
         owners: dict[str, list[str]] = {}
         for backend in self.backends:
-            if backend.state is BackendState.HEALTHY:
+            if backend.routable:
                 for model_id in backend.model_ids:
                     owners.setdefault(model_id, []).append(backend.name)
         data = [
@@ -342,6 +355,8 @@ class Balancer:
         now = time.monotonic()
         grace = self.config.down_grace_s
         for backend in serving:
+            if backend.state is BackendState.UNLOADED:
+                continue  # not routable, so its router does not autoload: only its operator can load it
             if backend.state is not BackendState.DEAD or now - backend.state_since < grace:
                 return  # loading, not polled yet, or just died: a restart may be under way
         self.stats.no_backend += 1
@@ -394,7 +409,13 @@ class Balancer:
 
         return BalancerSnapshot(
             policy=self.config.policy,
-            backends=[snapshot_backend(b, self.scheduler.index.size(b.name)) for b in self.backends],
+            # Each router's models right after it.
+            backends=[
+                snapshot_backend(each, self.scheduler.index.size(each.name))
+                for b in self.backends
+                if b.router is None
+                for each in (b, *b.children.values())
+            ],
             queue_depth=len(self.queue),
             affinity_entries=len(self.affinity),
             counters=snapshot_counters(self.stats),
@@ -418,6 +439,8 @@ async def _poll_forever(balancer_ref: weakref.ref[Balancer], wake: asyncio.Event
             now = time.monotonic()
             soon, balancer._poll_soon = balancer._poll_soon, set()
             for index, backend in enumerate(balancer.backends):
+                if backend.router is not None:
+                    continue  # polled with its router
                 running = polls.get(index)
                 due = now - started.get(index, -interval) >= interval or backend.name in soon
                 if due and (running is None or running.done()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._backend import Backend
+from ._backend import Backend, BackendState
 
 __all__ = ["CostModel"]
 
@@ -21,6 +21,8 @@ _MIN_PROMPT_N = 32
 DEFAULT_PREFILL_TOKENS_PER_S = 2000.0
 DEFAULT_TOKENS_PER_CHAR = 0.25
 DEFAULT_SERVICE_S = 5.0
+DEFAULT_LOAD_S = 10.0
+"""How long a router is assumed to take to load a model, until one load was seen."""
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -58,8 +60,17 @@ class CostModel:
         return (ahead + 1) * self.service_s(backend) / max(1, backend.capacity)
 
     def prefill_s(self, backend: Backend, uncached_tokens: float, now: float) -> float:
-        """Time to process ``uncached_tokens`` behind the prefills already running there."""
-        return (backend.pending_prefill(now) + uncached_tokens) / self.prefill_rate(backend)
+        """Time to process ``uncached_tokens`` behind the prefills already running there (after
+        loading the model, on a router that has it unloaded)."""
+        loading = self.load_s(backend) if backend.state is BackendState.UNLOADED else 0.0
+        return loading + (backend.pending_prefill(now) + uncached_tokens) / self.prefill_rate(backend)
+
+    def load_s(self, backend: Backend) -> float:
+        """Time a router takes to load this model: learned there, or on another router, or a default."""
+        if backend.load_s is not None:
+            return backend.load_s
+        known = [b.load_s for b in self._backends if b.load_s is not None and b.router_model == backend.router_model]
+        return sum(known) / len(known) if known else DEFAULT_LOAD_S
 
     def learn_prompt(self, model: str | None, chars: int, tokens: int) -> None:
         if tokens > 0:
@@ -73,6 +84,10 @@ class CostModel:
     def learn_prefill(backend: Backend, prompt_n: int, prompt_ms: float) -> None:
         if prompt_n >= _MIN_PROMPT_N and prompt_ms > 0:
             backend.prefill_rate = _ema(backend.prefill_rate, prompt_n / (prompt_ms / 1000))
+
+    @staticmethod
+    def learn_load(backend: Backend, load_s: float) -> None:
+        backend.load_s = _ema(backend.load_s, load_s)
 
     @staticmethod
     def learn_service(backend: Backend, held_s: float) -> None:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from html import escape
 
-from ._snapshot import BalancerSnapshot
+from ._snapshot import BackendSnapshot, BalancerSnapshot
 
 __all__ = ["render_html", "render_text"]
 
 _PAD = "padding:2px 10px"
-_STATE_COLORS = {"healthy": "#1a7f37", "loading": "#9a6700", "dead": "#cf222e", "unknown": "#59636e"}
+_STATE_COLORS = {
+    "healthy": "#1a7f37",
+    "loading": "#9a6700",
+    "dead": "#cf222e",
+    "unknown": "#59636e",
+    "unloaded": "#59636e",
+}
 
 
 def _affinity_rate(snapshot: BalancerSnapshot) -> str:
@@ -41,16 +47,33 @@ def _cell(content: str, style: str = "", tag: str = "td", title: str = "") -> st
     return f"<{tag} style='text-align:left;{_PAD};{style}'{tip}>{content}</{tag}>"
 
 
+def _state(b: BackendSnapshot) -> str:
+    if b.is_router and b.state == "healthy":
+        return "router"
+    return b.state + (" (sleeping)" if b.sleeping else "")
+
+
+def _models(b: BackendSnapshot) -> str:
+    """A router's line tells how many models it has; each of them has a line of its own."""
+    if b.is_router:
+        return b.reason.removeprefix("router: ")
+    return ", ".join(b.models) or "-"
+
+
 def render_html(snapshot: BalancerSnapshot) -> str:
     head = "".join(_cell(h, tag="th") for h in ("backend", "state", "slots", "models", "requests", "errors"))
     rows = []
     for b in snapshot.backends:
-        state = escape(b.state) + (" (sleeping)" if b.sleeping else "")
+        slots = (
+            "-"
+            if b.is_router
+            else f"{_bar(b.in_flight, b.external, b.capacity)} {b.in_flight + b.external}/{b.capacity}"
+        )
         cells = [
             _cell(escape(b.name), title=b.url),
-            _cell(state, style=f"color:{_STATE_COLORS.get(b.state, '#59636e')};font-weight:600"),
-            _cell(f"{_bar(b.in_flight, b.external, b.capacity)} {b.in_flight + b.external}/{b.capacity}"),
-            _cell(escape(", ".join(b.models))),
+            _cell(escape(_state(b)), style=f"color:{_STATE_COLORS.get(b.state, '#59636e')};font-weight:600"),
+            _cell(slots),
+            _cell(escape(_models(b))),
             _cell(str(b.requests)),
             _cell(str(b.errors)),
         ]
@@ -67,9 +90,11 @@ def render_text(snapshot: BalancerSnapshot) -> str:
     rows = [
         (
             b.name,
-            b.state + (" (sleeping)" if b.sleeping else ""),
-            "#" * b.in_flight + "." * max(0, b.capacity - b.in_flight) + f" {b.in_flight}/{b.capacity}",
-            ", ".join(b.models) or "-",
+            _state(b),
+            "-"
+            if b.is_router
+            else "#" * b.in_flight + "." * max(0, b.capacity - b.in_flight) + f" {b.in_flight}/{b.capacity}",
+            _models(b),
             str(b.requests),
             str(b.errors),
         )

@@ -62,6 +62,7 @@ class Lease:
         "expected_cached_tokens",
         "first_byte_at",
         "last_activity",
+        "loads_model",
         "on_first_byte",
         "predicted_prefill_s",
         "prompt_chars",
@@ -107,6 +108,8 @@ class Lease:
         """Predicted time from dispatch to the first token."""
         self.timings: Timings | None = None
         """What the backend reported, once the response finished."""
+        self.loads_model = False
+        """Sent to a router's model that was not loaded: the router loads it before answering."""
         self.on_first_byte: Callable[[], None] | None = None
         """Called once when the first body bytes arrive: the prompt is processed."""
 

@@ -16,7 +16,8 @@ class Registry:
 
     Per poll: ``/health`` (200 ready, 503 loading, no answer dead), then ``/props`` (capacity,
     sleeping, whether ``/slots`` exists) and ``/v1/models``, then ``/slots`` unless the
-    backend sleeps (polling ``/slots`` would wake it) or has it disabled. ``/metrics`` is never
+    backend sleeps (polling ``/slots`` would wake it) or has it disabled. A router-mode server
+    is polled with its models, one backend each (see :meth:`_poll_router`). ``/metrics`` is never
     polled: its rate gauges reset on every scrape and we would corrupt the operator's numbers.
     """
 
@@ -32,35 +33,116 @@ class Registry:
         await asyncio.gather(*(self.poll(backend) for backend in self.backends))
 
     async def _get(self, backend: Backend, path: str) -> httpx2.Response:
-        return await self._client.get(backend.url + path, headers=backend.auth_headers, timeout=self._timeout)
+        params = {} if backend.router_model is None else {"model": backend.router_model, "autoload": "false"}
+        return await self._client.get(
+            backend.url + path, params=params, headers=backend.auth_headers, timeout=self._timeout
+        )
 
     async def poll(self, backend: Backend) -> None:
         backend.begin_poll()
         try:
             health = await self._get(backend, "/health")
         except httpx2.HTTPError as exc:
-            backend.set_state(BackendState.DEAD, f"/health: {type(exc).__name__}: {exc}".rstrip(": "))
+            backend.set_state(BackendState.DEAD, _failure("/health", exc))
+            self._router_down(backend)
             return
         if health.status_code == 503:
             backend.set_state(BackendState.LOADING, "loading the model")
+            self._router_down(backend)
             return
         if health.status_code != 200:
             backend.set_state(BackendState.DEAD, f"/health answered {health.status_code}")
+            self._router_down(backend)
             return
         try:
             props, models = await asyncio.gather(self._get(backend, "/props"), self._get(backend, "/v1/models"))
         except httpx2.HTTPError as exc:
-            backend.set_state(BackendState.DEAD, f"/props: {type(exc).__name__}: {exc}".rstrip(": "))
+            backend.set_state(BackendState.DEAD, _failure("/props", exc))
+            self._router_down(backend)
             return
         if props.status_code != 200 or models.status_code != 200:
             failed = props if props.status_code != 200 else models
             backend.set_state(BackendState.DEAD, f"{failed.url.path} answered {failed.status_code}")
+            self._router_down(backend)
             return
-        self._read_props(backend, props.json())
+        props_body = props.json()
+        if isinstance(props_body, dict) and props_body.get("role") == "router":
+            await self._poll_router(backend, props_body, models.json())
+            return
+        self._read_props(backend, props_body)
         self._read_models(backend, models.json())
         busy = await self._read_slots(backend)
         backend.reconcile(busy)
         backend.set_state(BackendState.HEALTHY, "sleeping" if backend.sleeping else "ready")
+
+    async def _poll_router(self, router: Backend, props: dict[str, Any], models: Any) -> None:
+        """A router-mode server: each model it lists is a backend of its own, polled through it.
+
+        Models that run are polled with ``autoload=false``, so that a poll never loads a model
+        (nor wakes a sleeping one: ``/slots`` is skipped then, as for any sleeping server).
+        """
+        router.is_router = True
+        router.reported_capacity = 0
+        router.set_models(())
+        autoload = props.get("models_autoload") is not False
+        data = models.get("data") if isinstance(models, dict) else None
+        listed: set[str] = set()
+        running: list[Backend] = []
+        for entry in data if isinstance(data, list) else ():
+            model_id = entry.get("id") if isinstance(entry, dict) else None
+            if not isinstance(model_id, str) or (
+                router.config.models is not None and model_id not in router.config.models
+            ):
+                continue
+            listed.add(model_id)
+            child = router.child(model_id)
+            child.autoload = autoload
+            aliases = tuple(a for a in entry.get("aliases") or () if isinstance(a, str))
+            child.set_models((model_id,), (model_id, *aliases))
+            status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
+            value = status.get("value")
+            if status.get("failed") is True:
+                child.set_state(BackendState.DEAD, f"failed to load (exit code {status.get('exit_code')})")
+            elif value in ("loaded", "sleeping"):
+                running.append(child)
+            elif value in ("loading", "downloading"):
+                child.set_state(BackendState.LOADING, f"{value} the model")
+            else:
+                reason = "not loaded: the first request loads it" if autoload else "not loaded (router autoload off)"
+                child.set_state(BackendState.UNLOADED, reason)
+        for model_id, child in router.children.items():
+            if model_id not in listed:
+                child.set_state(BackendState.DEAD, "no longer listed by the router")
+        await asyncio.gather(*(self._poll_router_model(child) for child in running))
+        loaded = sum(1 for child in router.children.values() if child.state is BackendState.HEALTHY)
+        router.set_state(BackendState.HEALTHY, f"router: {len(listed)} models, {loaded} loaded")
+
+    async def _poll_router_model(self, child: Backend) -> None:
+        child.begin_poll()
+        try:
+            props = await self._get(child, "/props")
+        except httpx2.HTTPError as exc:
+            child.set_state(BackendState.DEAD, _failure("/props", exc))
+            return
+        if props.status_code == 400:
+            # Unloaded between the router's list and this poll (``model is not loaded``).
+            child.set_state(BackendState.UNLOADED, "not loaded: the first request loads it")
+            return
+        if props.status_code == 503:
+            child.set_state(BackendState.LOADING, "loading the model")
+            return
+        if props.status_code != 200:
+            child.set_state(BackendState.DEAD, f"/props answered {props.status_code}")
+            return
+        self._read_props(child, props.json())
+        child.reconcile(await self._read_slots(child))
+        child.set_state(BackendState.HEALTHY, "sleeping" if child.sleeping else "ready")
+
+    @staticmethod
+    def _router_down(router: Backend) -> None:
+        """A router that does not answer takes its models down with it."""
+        for child in router.children.values():
+            child.set_state(router.state, router.reason)
 
     @staticmethod
     def _read_props(backend: Backend, props: Any) -> None:
@@ -110,3 +192,7 @@ class Registry:
             return None
         backend.reported_capacity = len(slots) or backend.reported_capacity
         return sum(1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing") is True)
+
+
+def _failure(path: str, exc: Exception) -> str:
+    return f"{path}: {type(exc).__name__}: {exc}".rstrip(": ")

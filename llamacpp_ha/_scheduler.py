@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import heapq
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._affinity import AffinityTable
-from ._backend import Backend
+from ._backend import Backend, BackendState
 from ._cost import CostModel
 from ._leases import Lease
 from ._policies import Policy
@@ -125,6 +126,8 @@ class Scheduler:
         self.shared: SharedFleet | None = None
         """Set in shared mode: told of releases, newly cached prompts and pins, for the peers."""
         self._generations = {backend.name: backend.generation for backend in backends}
+        self.model_loaded: Callable[[Backend], None] | None = None
+        """Told when a request that loaded a router's model starts answering (to poll it at once)."""
         self._turn = 0
         self._typical_wait_s = 0.0
         """Moving average of how long granted requests waited."""
@@ -134,6 +137,11 @@ class Scheduler:
         """When running prompts are surely processed (their backends may take requests again)."""
 
     # -- events -----------------------------------------------------------------------------
+
+    def backend_added(self, backend: Backend) -> None:
+        """A router listed a new model: its backend joins the fleet (already in the shared list)."""
+        self._by_name[backend.name] = backend
+        self._generations[backend.name] = backend.generation
 
     def backends_changed(self) -> None:
         """A poll finished: forget the caches of restarted backends, resize the index, dispatch."""
@@ -236,7 +244,23 @@ class Scheduler:
         return backend.free >= min(waiter.weight, backend.capacity)
 
     def _eligible(self, waiter: Waiter, backend: Backend) -> bool:
-        return self._fits(waiter, backend) and backend.serves(waiter.model) and backend.name not in waiter.excluded
+        if not (self._fits(waiter, backend) and backend.serves(waiter.model) and backend.name not in waiter.excluded):
+            return False
+        return backend.state is not BackendState.UNLOADED or self._worth_loading(waiter, backend)
+
+    def _worth_loading(self, waiter: Waiter, backend: Backend) -> bool:
+        """Whether a request should load its model on a router that has it unloaded: when no backend
+        runs that model (or is loading it), or when it has waited longer than loading takes.
+        Loading evicts another model when the router is full, so it is not done for a free slot."""
+        if waiter.model is None:
+            return False  # a router answers 400 to a request without a model, and loads nothing
+        if time.monotonic() - waiter.enqueued_at >= self.cost.load_s(backend):
+            return True
+        return not any(
+            b.serves(waiter.model) and b.name not in waiter.excluded and b.runs_model
+            for b in self._backends
+            if b is not backend
+        )
 
     def queued(self, waiter: Waiter) -> None:
         """A new request found no free slot: if a full backend holds its prefix, it waits for that
@@ -414,6 +438,7 @@ class Scheduler:
         lease.expected_cached_tokens = min(prompt_tokens - 1, held * tokens_per_char)
         lease.uncached_tokens = prompt_tokens - lease.expected_cached_tokens
         lease.predicted_prefill_s = self.cost.prefill_s(backend, lease.uncached_tokens, now)
+        lease.loads_model = backend.state is BackendState.UNLOADED
         lease.affinity = self._affinity_outcome(waiter, backend, matched)
         self._typical_wait_s += _WAIT_ALPHA * ((now - waiter.enqueued_at) - self._typical_wait_s)
         if waiter.pin is not None:
@@ -424,8 +449,11 @@ class Scheduler:
             lease.blocks = blocks
             lease.end = waiter.prompt.end
             self._running.setdefault(blocks[0], set()).add(lease)
-        if self.settings.cost_aware:
+        if lease.loads_model:
+            lease.on_first_byte = functools.partial(self._model_loaded, backend)
+        elif self.settings.cost_aware:
             lease.on_first_byte = self._prefill_done
+        if self.settings.cost_aware:
             self._wake_at(lease.prefill_deadline)
         backend.in_flight += weight
         backend.requests += 1
@@ -487,7 +515,11 @@ class Scheduler:
     def _learn(self, lease: Lease) -> None:
         backend = lease.backend
         timings = lease.timings
-        self.cost.learn_service(backend, time.monotonic() - lease.acquired_at)
+        if not lease.loads_model:
+            self.cost.learn_service(backend, time.monotonic() - lease.acquired_at)
+        elif lease.first_byte_at is not None:
+            # Its time to the first byte was the model loading, not the backend's speed.
+            self.cost.learn_load(backend, lease.first_byte_at - lease.acquired_at)
         if timings is None:
             return
         prompt_tokens = timings.cache_n + timings.prompt_n
@@ -509,6 +541,12 @@ class Scheduler:
         )
 
     # -- patience timer ---------------------------------------------------------------------
+
+    def _model_loaded(self, backend: Backend) -> None:
+        """The request that loaded a router's model got its first byte: read the model's slots now."""
+        if self.model_loaded is not None:
+            self.model_loaded(backend)
+        self._prefill_done()
 
     def _prefill_done(self) -> None:
         """A backend finished a prompt: it may take the next request."""

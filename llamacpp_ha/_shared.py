@@ -233,6 +233,10 @@ class SharedFleet:
         self._connected.set()
         self._on_change()
 
+    def backend_added(self, backend: Backend) -> None:
+        """A router's model joined the fleet: its shared leases count from the next renewal."""
+        self._backends[backend.name] = backend
+
     @property
     def _display_url(self) -> str:
         return redact_url(self.config.url)
@@ -375,10 +379,10 @@ class SharedFleet:
     async def _renew_forever(self) -> None:
         assert self._client is not None
         interval = self.config.lease_ttl_s / 3
-        names = list(self._backends)
-        keys = [self._leases_key(name) for name in names]
         ttl_ms = self._ttl_ms
         while True:
+            names = list(self._backends)  # a router's models join as they are listed
+            keys = [self._leases_key(name) for name in names]
             held = list(self._held.items())
             async with asyncio.timeout(self.config.timeout_s):
                 if held:

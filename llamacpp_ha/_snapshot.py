@@ -78,6 +78,12 @@ class BackendSnapshot(BaseModel):
     """Prompt blocks the prefix index believes this backend holds."""
     shared_in_flight: int | None = None
     """Slots every balancer sharing the fleet holds here, as Redis last said (shared mode only)."""
+    is_router: bool = False
+    """A router-mode server: it has no slots of its own; each of its models is a backend."""
+    router: str | None = None
+    """Set on a router's model: the name of the router serving it."""
+    load_s: float | None = None
+    """A router's model: learned time to load it; None until a request of ours loaded it."""
 
 
 class SharedSnapshot(BaseModel):
@@ -141,6 +147,9 @@ def snapshot_backend(backend: Backend, index_blocks: int = 0) -> BackendSnapshot
         expected_cached_share=backend.expected_cached_tokens / prompt if prompt else None,
         index_blocks=index_blocks,
         shared_in_flight=backend.shared_total,
+        is_router=backend.is_router,
+        router=backend.router.name if backend.router is not None else None,
+        load_s=backend.load_s,
     )
 
 

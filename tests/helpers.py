@@ -15,7 +15,7 @@ from llamacpp_ha import BackendConfig, BalancerConfig
 from llamacpp_ha.sim import SimServer
 
 
-def fleet_config(*servers: SimServer | str, **settings: Any) -> BalancerConfig:
+def fleet_config(*servers: SimServer[Any] | str, **settings: Any) -> BalancerConfig:
     backends = [BackendConfig(url=s if isinstance(s, str) else s.url, name=f"b{i}") for i, s in enumerate(servers)]
     settings.setdefault("poll_interval_s", 0.2)
     return BalancerConfig(backends=backends, **settings)

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from ._app import SimFaults, SimulatedLlamaServer
 from ._config import SimConfig
+from ._router import SimulatedLlamaRouter
 from ._server import SimProcess, SimServer, free_port
 
-__all__ = ["SimConfig", "SimFaults", "SimProcess", "SimServer", "SimulatedLlamaServer", "free_port"]
+__all__ = [
+    "SimConfig",
+    "SimFaults",
+    "SimProcess",
+    "SimServer",
+    "SimulatedLlamaRouter",
+    "SimulatedLlamaServer",
+    "free_port",
+]

@@ -11,15 +11,21 @@ import time
 import urllib.error
 import urllib.request
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, cast, overload
+
+from typing_extensions import TypeVar
 
 from ._app import SimulatedLlamaServer
 from ._config import SimConfig
 from ._http import http_protocol
+from ._router import SimulatedLlamaRouter
 
 __all__ = ["SimProcess", "SimServer", "free_port"]
 
 _HOST = "127.0.0.1"
+
+# The default keeps a bare ``SimServer`` annotation meaning a single-model server.
+_App = TypeVar("_App", SimulatedLlamaServer, SimulatedLlamaRouter, default=SimulatedLlamaServer)
 
 
 def free_port() -> int:
@@ -30,15 +36,20 @@ def free_port() -> int:
         return port
 
 
-class SimServer:
+class SimServer(Generic[_App]):
     """A simulated llama-server served by uvicorn on 127.0.0.1, in a thread of this process.
 
     ``with SimServer(slots=2) as sim: sim.url`` gives a real socket to talk to; ``sim.app`` is
     the :class:`SimulatedLlamaServer`, whose slots and fault switches a test can inspect.
+    ``SimServer(SimulatedLlamaRouter({...}))`` serves a simulated router-mode server instead.
     """
 
-    def __init__(self, app: SimulatedLlamaServer | None = None, *, port: int = 0, **config: Any) -> None:
-        self.app = app or SimulatedLlamaServer(SimConfig(**config))
+    @overload
+    def __init__(self: SimServer[SimulatedLlamaServer], app: None = None, *, port: int = 0, **config: Any) -> None: ...
+    @overload
+    def __init__(self, app: _App, *, port: int = 0) -> None: ...
+    def __init__(self, app: Any = None, *, port: int = 0, **config: Any) -> None:
+        self.app: _App = cast("_App", app if app is not None else SimulatedLlamaServer(SimConfig(**config)))
         self._port = port
         self._server: Any = None
         self._thread: threading.Thread | None = None

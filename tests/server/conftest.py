@@ -51,7 +51,7 @@ def serve() -> Iterator[Callable[..., AppServer]]:
     """Serve a proxy over the given backends; stopped after the test."""
     started: list[AppServer] = []
 
-    def start(*backends: SimServer | str, **settings: Any) -> AppServer:
+    def start(*backends: SimServer[Any] | str, **settings: Any) -> AppServer:
         server_section = settings.pop("server", {})
         settings.setdefault("poll_interval_s", 0.2)
         config = ServerConfig(

@@ -168,3 +168,36 @@ async def test_a_client_that_drops_while_queued_leaves_the_queue(sims: Sims, ser
     await eventually(lambda: _idle(sim.url))
     assert sim.app.inference_requests == 1  # the queued request never reached the backend
     assert server.context.state.in_flight == 0
+
+
+async def test_a_router_mode_backend_beside_a_single_model_one(sims: Sims, serve: Serve) -> None:
+    from llamacpp_ha.sim import SimConfig, SimulatedLlamaRouter
+
+    router = SimServer(SimulatedLlamaRouter({"qwen": SimConfig(slots=2), "gemma": SimConfig(slots=2)}, load_s=0.1))
+    with router:
+        server = serve(sims(slots=2), router)
+        async with httpx2.AsyncClient() as http:
+            await eventually(lambda: _models(http, server), timeout=5)
+            monitor = (await http.get(f"{server.url}/monitor/data")).json()
+            metrics = (await http.get(f"{server.url}/metrics")).text
+        names = [b["name"] for b in monitor["snapshot"]["backends"]]
+        assert names == ["b0", "b1", "b1/qwen", "b1/gemma"]
+        assert 'llamacpp_ha_backend_state{backend="b1/qwen",state="unloaded"} 1.0' in metrics
+        async with openai_client(server) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="qwen", messages=chat("hi"), max_tokens=3
+            )
+            assert raw.headers["x-llamacpp-ha-backend"] == "b1/qwen"
+            stream = await client.chat.completions.create(model="gemma", messages=chat("hi"), max_tokens=3, stream=True)
+            assert [c async for c in stream][-1].choices[0].finish_reason == "length"
+            single = await client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=chat("x"), max_tokens=2
+            )
+            assert single.headers["x-llamacpp-ha-backend"] == "b0"
+    assert router.app.models["qwen"].loads == 1
+    assert router.app.models["gemma"].loads == 1
+
+
+async def _models(http: httpx2.AsyncClient, server: AppServer) -> bool:
+    models = (await http.get(f"{server.url}/v1/models")).json()["data"]
+    return sorted(m["id"] for m in models) == ["gemma", "qwen", "tiny-random-llama.gguf"]
