@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -24,6 +23,7 @@ from ._errors import (
 )
 from ._leases import Lease
 from ._policies import make_policy
+from ._poller import Poller
 from ._queue import Waiter, WaitQueue
 from ._registry import Registry
 from ._request import RequestFacts
@@ -81,11 +81,8 @@ class Balancer:
             )
             self.scheduler.shared = self.shared
         self._registry_instance: Registry | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self._poller = Poller(self)
         self._polled = asyncio.Event()
-        self._wake_poller = asyncio.Event()
-        self._poll_soon: set[str] = set()
-        """Backends to poll at once, out of their schedule."""
         self._closed = False
 
     @property
@@ -108,10 +105,7 @@ class Balancer:
         """Start polling now and wait for the first poll (otherwise the first request does this)."""
         if self._closed:
             raise BalancerClosedError("The balancer is closed.")
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(
-                _poll_forever(weakref.ref(self), self._wake_poller), name="llamacpp-ha-poller"
-            )
+        self._poller.start()
         if self.shared is not None:
             await self.shared.start()
         if not self._polled.is_set():
@@ -127,11 +121,7 @@ class Balancer:
         self.scheduler.close()
         for waiter in self.queue.drain():
             waiter.future.set_exception(BalancerClosedError("The balancer was closed while the request waited."))
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await self._poller.aclose()
         if self._registry_instance is not None:
             await self._registry_instance.aclose()
             self._registry_instance = None
@@ -171,21 +161,8 @@ class Balancer:
         return self._registry_instance
 
     def wake_poller(self, backend: Backend) -> None:
-        """Poll this backend now instead of at its next interval (it just failed); no other."""
-        self._poll_soon.add((backend.router or backend).name)
-        self._wake_poller.set()
-
-    async def _expire_idle_leases(self) -> None:
-        now = time.monotonic()
-        limit = self.config.stream_idle_timeout_s
-        for lease in [lease for lease in self.scheduler.leases if lease.idle_for(now) > limit]:
-            logger.warning("closing a response from %s that nobody read for %.0f s", lease.backend.name, limit)
-            self.stats.expired_leases += 1
-            try:
-                if lease.closer is not None:
-                    await lease.closer()
-            finally:
-                lease.release()
+        """Poll this backend (a router's model: its router) now instead of at its next interval; no other."""
+        self._poller.wake((backend.router or backend).name)
 
     def resolve_model(self, model: str | None) -> str | None:
         """The queue key for a requested model: the name itself, or None for "any backend"."""
@@ -238,7 +215,7 @@ class Balancer:
         ``seq`` and ``deadline`` carry a retried request's place in the queue and its original
         deadline. Raises a :class:`~llamacpp_ha.BalancerError` when no slot can be had.
         """
-        if self._poller is None or self._poller.done():
+        if not self._poller.running:
             await self.start()
         if self._closed:
             raise BalancerClosedError("The balancer is closed.")
@@ -421,44 +398,3 @@ class Balancer:
             counters=snapshot_counters(self.stats),
             shared=self.shared.snapshot() if self.shared is not None else None,
         )
-
-
-async def _poll_forever(balancer_ref: weakref.ref[Balancer], wake: asyncio.Event) -> None:
-    # Each backend has at most one poll on the wire, started every interval once the previous
-    # one finished: a backend that hangs until the poll timeout delays no other backend.
-    # The balancer is held only while starting polls, so one dropped without aclose() is
-    # collected and this task ends instead of running until the loop closes.
-    polls: dict[int, asyncio.Task[None]] = {}
-    started: dict[int, float] = {}
-    try:
-        while True:
-            balancer = balancer_ref()
-            if balancer is None or balancer.closed:
-                return
-            interval = balancer.config.poll_interval_s
-            now = time.monotonic()
-            soon, balancer._poll_soon = balancer._poll_soon, set()
-            for index, backend in enumerate(balancer.backends):
-                if backend.router is not None:
-                    continue  # polled with its router
-                running = polls.get(index)
-                due = now - started.get(index, -interval) >= interval or backend.name in soon
-                if due and (running is None or running.done()):
-                    started[index] = now
-                    polls[index] = asyncio.create_task(
-                        balancer.poll_backend(backend), name=f"llamacpp-ha-poll-{backend.name}"
-                    )
-            try:
-                await balancer._expire_idle_leases()
-            except Exception:
-                logger.exception("closing idle responses failed")
-            next_due = min(started.values(), default=now) + interval
-            del balancer
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.01, next_due - time.monotonic())):
-                    await wake.wait()
-            wake.clear()
-    finally:
-        for task in polls.values():
-            task.cancel()
-        await asyncio.gather(*polls.values(), return_exceptions=True)
