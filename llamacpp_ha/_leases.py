@@ -4,10 +4,11 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from ._backend import Backend
 
-__all__ = ["Lease", "Timings"]
+__all__ = ["Lease", "LeasePhase", "Timings"]
 
 _TIMINGS = re.compile(rb'"(cache_n|prompt_n|prompt_ms|predicted_n)"\s*:\s*([0-9.eE+-]+)')
 
@@ -44,11 +45,31 @@ class Timings:
         )
 
 
+class LeasePhase(StrEnum):
+    """Where a granted request is; only ``DELIVERED`` runs the idle clock.
+
+    ``SENDING -> READING`` when the answer's headers are handed over and the consumer reads the
+    body; ``READING <-> DELIVERED`` as each piece is given to the consumer and it asks for the
+    next; any phase ``-> DONE`` once, at :meth:`Lease.release`.
+    """
+
+    SENDING = "sending"
+    """Sent to the backend, no answer yet: the backend's turn, however long it generates."""
+    READING = "reading"
+    """The consumer waits for the backend's next bytes: the backend's turn."""
+    DELIVERED = "delivered"
+    """The consumer has what arrived and has not asked for more: its turn, the idle clock runs."""
+    DONE = "done"
+    """Released: its slots are free again."""
+
+
 class Lease:
     """Slots on one backend, held from dispatch until the response body is finished.
 
-    :meth:`release` gives them back exactly once, synchronously: the scheduler sees the free
-    slots before the caller's next await, so no request waits beside an idle slot.
+    Owns the request's phase after it left the queue (:class:`LeasePhase`), its idle clock and
+    the closer of its response. :meth:`release` gives the slots back exactly once, synchronously:
+    the scheduler sees them free before the caller's next await, so no request waits beside an
+    idle slot.
     """
 
     __slots__ = (
@@ -64,12 +85,11 @@ class Lease:
         "last_activity",
         "loads_model",
         "on_first_byte",
+        "phase",
         "predicted_prefill_s",
         "prompt_chars",
         "prompt_tokens",
-        "reading",
         "refused",
-        "released",
         "shared_member",
         "timings",
         "uncached_tokens",
@@ -81,12 +101,11 @@ class Lease:
         self._on_release = on_release
         self.weight = weight
         """Slots this lease holds (llama-server runs ``n`` choices or several inputs as several tasks)."""
-        self.released = False
+        self.phase = LeasePhase.SENDING
         self.acquired_at = time.monotonic()
         self.last_activity = self.acquired_at
+        """When the consumer last got something (the idle clock runs from here while ``DELIVERED``)."""
         self.first_byte_at: float | None = None
-        self.reading = False
-        """True while the consumer waits for the backend's next bytes (not idle, however slow)."""
         self.affinity: str | None = None
         """``hit``, ``miss`` or ``new``: whether the backend was the one holding most of the prompt."""
         self.closer: Callable[[], Awaitable[None]] | None = None
@@ -113,7 +132,29 @@ class Lease:
         self.on_first_byte: Callable[[], None] | None = None
         """Called once when the first body bytes arrive: the prompt is processed."""
 
+    @property
+    def released(self) -> bool:
+        return self.phase is LeasePhase.DONE
+
+    def answered(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """The backend's answer (headers) is handed to the consumer, with what closes it."""
+        if self.phase is LeasePhase.SENDING:
+            self.closer = closer
+            self.delivered()
+
+    def reading(self) -> None:
+        """The consumer asks for the next bytes: the backend's turn, not idle however slow."""
+        if self.phase is LeasePhase.DELIVERED:
+            self.phase = LeasePhase.READING
+
+    def delivered(self) -> None:
+        """The consumer has everything that arrived: its turn, and the idle clock starts."""
+        if self.phase in (LeasePhase.SENDING, LeasePhase.READING):
+            self.phase = LeasePhase.DELIVERED
+            self.last_activity = time.monotonic()
+
     def touch(self) -> None:
+        """Body bytes arrived from the backend (the first ones: its prompt is processed)."""
         now = time.monotonic()
         self.last_activity = now
         if self.first_byte_at is None:
@@ -122,7 +163,8 @@ class Lease:
                 self.on_first_byte()
 
     def idle_for(self, now: float) -> float:
-        return 0.0 if self.reading else now - self.last_activity
+        """How long the consumer has left it unread (0 unless ``DELIVERED``)."""
+        return now - self.last_activity if self.phase is LeasePhase.DELIVERED else 0.0
 
     @property
     def prefill_deadline(self) -> float:
@@ -135,7 +177,7 @@ class Lease:
         return self.first_byte_at is None and now < self.prefill_deadline
 
     def release(self) -> None:
-        if self.released:
+        if self.phase is LeasePhase.DONE:
             return
-        self.released = True
+        self.phase = LeasePhase.DONE
         self._on_release(self)

@@ -42,9 +42,7 @@ class LeasedStream(httpx2.AsyncByteStream):
         self._closed = False
         self._expired = False
         self._tail = b""
-        lease.closer = self.expire
-        lease.reading = False
-        lease.last_activity = lease.acquired_at if lease.first_byte_at is None else lease.last_activity
+        lease.answered(self.expire)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         lease = self._lease
@@ -54,19 +52,18 @@ class LeasedStream(httpx2.AsyncByteStream):
         assert isinstance(upstream, httpx2.AsyncByteStream)
         pending = b""
         try:
-            lease.reading = True
+            lease.reading()
             async for chunk in upstream:
-                lease.reading = False
                 lease.touch()
                 if self._sse:
                     data = pending + chunk if pending else chunk
                     cut = data.rfind(b"\n\n")
                     if cut < 0:
-                        pending = data
-                        lease.reading = True
+                        pending = data  # half an event: still the backend's turn
                         continue
                     chunk, pending = data[: cut + 2], data[cut + 2 :]
                 self._keep_tail(chunk)
+                lease.delivered()
                 yield chunk
                 if self._expired:
                     # Cut by the idle deadline while the consumer was away: tell it, in the stream.
@@ -74,7 +71,7 @@ class LeasedStream(httpx2.AsyncByteStream):
                         yield _error_event(_IDLE_CUT, "stream_idle_timeout")
                         return
                     raise httpx2.ReadError(_IDLE_CUT)
-                lease.reading = True
+                lease.reading()
             if pending:
                 self._keep_tail(pending)
                 yield pending
@@ -90,7 +87,6 @@ class LeasedStream(httpx2.AsyncByteStream):
             message = f"The backend {lease.backend.name} failed during the response: {type(exc).__name__}"
             yield _error_event(message, "backend_failed")
         finally:
-            lease.reading = False
             await self.aclose()
 
     def _keep_tail(self, chunk: bytes) -> None:

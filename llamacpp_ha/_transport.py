@@ -112,8 +112,6 @@ class HATransport(httpx2.AsyncBaseTransport):
             lease = await balancer.acquire(facts, excluded=frozenset(excluded), seq=seq, deadline=deadline)
             queued_s += time.monotonic() - started
             backend = lease.backend
-            # Waiting for the backend's answer is not idleness, however long a generation takes.
-            lease.reading = True
             try:
                 response = await self._send(request, backend, body, close=facts.stream)
                 # Inside the guarded block: a failed or cancelled body read gives the slot back too.

@@ -203,3 +203,37 @@ async def test_a_slow_steady_reader_keeps_its_stream_and_a_stalled_one_is_told_w
         async for _chunk in stalled:
             pass
     await assert_all_slots_free(http, sim.url)
+
+
+def test_a_lease_runs_its_idle_clock_only_while_the_consumer_has_the_turn() -> None:
+    from llamacpp_ha._backend import Backend
+    from llamacpp_ha._config import BackendConfig
+    from llamacpp_ha._leases import Lease, LeasePhase
+
+    released: list[Lease] = []
+    lease = Lease(Backend(BackendConfig(url="http://127.0.0.1:9")), released.append)
+    later = lease.acquired_at + 1_000
+    assert lease.phase is LeasePhase.SENDING
+    assert lease.idle_for(later) == 0.0, "a long generation before the answer is not idleness"
+
+    async def close() -> None:
+        return None
+
+    lease.answered(close)
+    assert lease.phase is LeasePhase.DELIVERED
+    assert lease.closer is close
+    assert lease.idle_for(lease.last_activity + 5) == 5
+    lease.reading()
+    assert lease.idle_for(later) == 0.0, "a slow backend is not an idle consumer"
+    lease.touch()
+    lease.delivered()
+    assert lease.first_byte_at is not None
+    assert lease.idle_for(lease.last_activity + 2) == 2
+    lease.release()
+    lease.release()
+    assert lease.phase is LeasePhase.DONE
+    assert released == [lease], "released exactly once"
+    lease.reading()
+    lease.delivered()
+    assert lease.phase is LeasePhase.DONE, "nothing leaves DONE"
+    assert lease.idle_for(later) == 0.0
