@@ -134,14 +134,14 @@ class WaitQueue:
         heads: list[Waiter] = []
         for model in list(self._fifo):
             queue = self._fifo[model]
-            while queue and queue[0][2].state is not WaiterState.QUEUED:
+            while queue and not self._live(queue[0][2]):
                 heapq.heappop(queue)
             if queue:
                 heads.append(queue[0][2])
             else:
                 del self._fifo[model]
         if self._retries:
-            self._retries = [w for w in self._retries if w.state is WaiterState.QUEUED]
+            self._retries = [w for w in self._retries if self._live(w)]
             heads += self._retries
             heads.sort(key=lambda waiter: waiter.seq)
         elif len(heads) > 1:
@@ -233,10 +233,25 @@ class WaitQueue:
         queue = self._parked.get(backend)
         while queue:
             waiter = queue[0][2]
-            if waiter.state is WaiterState.PARKED and waiter.parked_on == backend and not waiter.future.done():
+            if waiter.parked_on == backend and self._live(waiter, WaiterState.PARKED):
                 return waiter
             heapq.heappop(queue)
         return None
+
+    def _live(self, waiter: Waiter, state: WaiterState = WaiterState.QUEUED) -> bool:
+        """Whether the waiter is in ``state`` and its request still waits.
+
+        ``Task.cancel()`` cancels the future its task awaits at once, but the task hears of it only
+        at its next step: a slot freed in between must not go to it. Such a waiter is counted out
+        here (its own ``forget`` later finds it done).
+        """
+        if waiter.state is not state:
+            return False
+        if waiter.future.done():
+            self._leave(waiter)
+            self._dead += 1
+            return False
+        return True
 
     def forget(self, waiter: Waiter) -> None:
         """A waiter gave up (timed out, cancelled, refused): count it out; its entries go lazily."""

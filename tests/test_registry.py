@@ -109,3 +109,27 @@ async def test_a_balancer_shows_itself_as_tables() -> None:
     assert "gpu&lt;2&gt;" in html  # names are escaped
     assert html.count("background:#8c959f") == 2  # gpu1's two slots busy with other clients
     await balancer.aclose()
+
+
+async def test_a_waiter_cancelled_before_its_task_runs_is_not_granted_the_freed_slot() -> None:
+    """Task.cancel() cancels the awaited future at once; the task learns it only at its next step.
+    A slot released in between must go to the next live waiter, and the release must not fail."""
+    from llamacpp_ha._request import RequestFacts
+
+    fleet = MockFleet.of("gpu1", slots=1)
+    balancer = Balancer(fleet.config(), poll_transport=fleet.transport())
+    facts = RequestFacts(model=None, stream=False)
+    lease = await balancer.acquire(facts)
+    cancelled = asyncio.create_task(balancer.acquire(facts))
+    live = asyncio.create_task(balancer.acquire(facts))
+    await asyncio.sleep(0.01)
+    assert balancer.snapshot().queue_depth == 2
+    cancelled.cancel()  # its future is cancelled now, its task has not run yet
+    lease.release()  # the same instant: the freed slot must skip the cancelled waiter
+    second = await asyncio.wait_for(live, 2)
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert balancer.snapshot().queue_depth == 0
+    second.release()
+    assert balancer.snapshot().in_flight == 0
+    await balancer.aclose()
