@@ -26,7 +26,8 @@ BACKEND_HEADER = "x-llamacpp-ha-backend"
 _MODEL_PATHS = frozenset({"/v1/models", "/models"})
 # Plus X-Conversation-Id: with it llama-server keeps generating after the client left (a
 # resumable stream), which would hold a slot we believe is free.
-_DROPPED_HEADERS = HOP_BY_HOP | {b"host", b"x-conversation-id"}
+# Content-Length too: the body sent may be rewritten (``id_slot`` stripped); httpx2 sets it anew.
+_DROPPED_HEADERS = HOP_BY_HOP | {b"host", b"x-conversation-id", b"content-length"}
 _STALE_RETRIES = 4
 _RETRYABLE = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ConnectTimeout)
 

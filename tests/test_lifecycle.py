@@ -210,17 +210,20 @@ def test_a_lease_runs_its_idle_clock_only_while_the_consumer_has_the_turn() -> N
     from llamacpp_ha._config import BackendConfig
     from llamacpp_ha._leases import Lease, LeasePhase
 
+    def phase_of(lease: Lease) -> LeasePhase:  # read afresh: each call below changes it
+        return lease.phase
+
     released: list[Lease] = []
     lease = Lease(Backend(BackendConfig(url="http://127.0.0.1:9")), released.append)
     later = lease.acquired_at + 1_000
-    assert lease.phase is LeasePhase.SENDING
+    assert phase_of(lease) is LeasePhase.SENDING
     assert lease.idle_for(later) == 0.0, "a long generation before the answer is not idleness"
 
     async def close() -> None:
         return None
 
     lease.answered(close)
-    assert lease.phase is LeasePhase.DELIVERED
+    assert phase_of(lease) is LeasePhase.DELIVERED
     assert lease.closer is close
     assert lease.idle_for(lease.last_activity + 5) == 5
     lease.reading()
@@ -231,9 +234,9 @@ def test_a_lease_runs_its_idle_clock_only_while_the_consumer_has_the_turn() -> N
     assert lease.idle_for(lease.last_activity + 2) == 2
     lease.release()
     lease.release()
-    assert lease.phase is LeasePhase.DONE
+    assert phase_of(lease) is LeasePhase.DONE
     assert released == [lease], "released exactly once"
     lease.reading()
     lease.delivered()
-    assert lease.phase is LeasePhase.DONE, "nothing leaves DONE"
+    assert phase_of(lease) is LeasePhase.DONE, "nothing leaves DONE"
     assert lease.idle_for(later) == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx2
 import pytest
@@ -356,6 +357,18 @@ async def test_id_slot_is_stripped_so_a_pinned_busy_slot_cannot_defer_a_request(
     raw = b'{"model":"tiny-random-llama",   "messages":[{"role":"user","content":"hi"}]}'
     await client.post("/v1/chat/completions", content=raw)
     assert fleet.requests[1].content == raw  # untouched, byte for byte, without id_slot
+
+
+async def test_a_rewritten_body_goes_with_its_own_length_over_a_real_socket(sims: Callable[..., Any]) -> None:
+    """The caller's Content-Length described the body before ``id_slot`` was stripped (an h11
+    LocalProtocolError and a 503 until the fuzzer found it: the mock fleet never checked lengths)."""
+    from llamacpp_ha import ha_client
+
+    sim = sims(slots=1)
+    async with ha_client(BalancerConfig(backends=[BackendConfig(url=sim.url)])) as http:
+        response = await http.post("http://x/v1/chat/completions", json={**CHAT, "max_tokens": 2, "id_slot": 0})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"]
 
 
 async def test_a_slotless_route_with_a_bad_body_is_400_without_a_backend(client_for: Client) -> None:

@@ -131,11 +131,23 @@ class SimulatedLlamaServer:
         elif method == "POST" and path in ("/completion", "/completions"):
             await self._complete("native", body, receive, send, origin)
         elif method == "POST" and path in ("/tokenize", "/detokenize", "/apply-template"):
-            await self._text_tool(path, body, send, origin)
+            try:
+                await self._text_tool(path, body, send, origin)
+            except (AttributeError, TypeError) as exc:
+                # llama-server's handlers throw on a body of the wrong shape; its wrapper answers 500.
+                await send_json(
+                    send, 500, error_body(500, f"[json.exception.type_error] {exc}", "server_error"), origin
+                )
         elif method == "POST" and path == "/v1/chat/completions/input_tokens":
             parsed = parse_json(body)
             messages = parsed.get("messages", []) if isinstance(parsed, dict) else []
-            count = len(tokenize(render_chat(messages))) if isinstance(messages, list) else 0
+            try:
+                count = len(tokenize(render_chat(messages))) if isinstance(messages, list) else 0
+            except (AttributeError, TypeError) as exc:
+                await send_json(
+                    send, 500, error_body(500, f"[json.exception.type_error] {exc}", "server_error"), origin
+                )
+                return
             await send_json(send, 200, {"input_tokens": count, "object": "response.input_tokens"}, origin)
         elif method == "POST" and path in ("/v1/embeddings", "/embeddings"):
             message = "This server does not support embeddings. Start it with `--embeddings`"

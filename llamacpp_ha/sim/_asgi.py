@@ -66,10 +66,13 @@ async def read_body(receive: Receive) -> bytes:
 
 
 def parse_json(raw: bytes) -> Any:
+    """The parsed body, or None where llama-server's parser throws (also on a lone surrogate)."""
     try:
-        return json.loads(raw)
-    except ValueError:
+        value = json.loads(raw)
+        json.dumps(value, ensure_ascii=False).encode()
+    except (ValueError, UnicodeEncodeError):
         return None
+    return value
 
 
 def _base_headers(origin: bytes, content_type: bytes) -> list[tuple[bytes, bytes]]:

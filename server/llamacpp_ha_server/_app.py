@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx2
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -75,6 +76,55 @@ class _InternalErrors:
             await send_error(
                 send, 500, "Internal error in the balancer; see its log.", "server_error", "internal_error"
             )
+
+
+class _DrainUnreadBody:
+    """Reads what is left of a request body before an answer that did not need it starts (a 404,
+    405, 401 or 413 sent while the client is still sending).
+
+    A server that answers and closes while the client is still sending makes the kernel reset the
+    connection, and the client loses the answer with it: it sees a reset, not the error. At most
+    ``limit_bytes`` are read, and for at most ``timeout_s``; a body announced larger is not read.
+    """
+
+    def __init__(self, app: ASGIApp, limit_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self._limit = limit_bytes
+        self._timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received_all = False
+
+        async def tracked() -> Message:
+            nonlocal received_all
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                received_all = True
+            return message
+
+        async def draining(message: Message) -> None:
+            nonlocal received_all
+            if message["type"] == "http.response.start" and not received_all:
+                received_all = True
+                await self._drain(scope, receive)
+            await send(message)
+
+        await self.app(scope, tracked, draining)
+
+    async def _drain(self, scope: Scope, receive: Receive) -> None:
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self._limit):
+                return
+        drained = 0
+        with anyio.move_on_after(self._timeout_s):
+            while drained <= self._limit:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
 
 
 class _ProxyDispatch:
@@ -201,5 +251,7 @@ def create_app(config: ServerConfig, *, upstream: httpx2.AsyncBaseTransport | No
         app.add_middleware(
             CORSMiddleware, allow_origins=config.server.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    app.add_middleware(_InternalErrors)  # outermost of ours: whatever fails inside is answered here
+    app.add_middleware(_InternalErrors)  # whatever fails inside is answered here
+    limit = 2 * config.server.max_body_bytes
+    app.add_middleware(_DrainUnreadBody, limit_bytes=limit, timeout_s=config.server.body_timeout_s)  # outermost
     return app

@@ -11,6 +11,8 @@ from llamacpp_ha._errors import openai_error
 
 __all__ = ["http_protocol"]
 
+_LINGER_S = 2.0
+"""How long a connection we answered on our own stays open to drop what the client still sends."""
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 503: b"Service Unavailable"}
 
 
@@ -31,6 +33,7 @@ def http_protocol(*, header_timeout_s: float = 10.0, max_connections: int | None
 
     class HardenedProtocol(Base):
         _header_timer: asyncio.TimerHandle | None = None
+        _lingering = False
 
         def _answer(self, status: int, message: str, error_type: str, code: str) -> None:
             transport: Any = self.transport
@@ -41,8 +44,29 @@ def http_protocol(*, header_timeout_s: float = 10.0, max_connections: int | None
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
                 % (status, _REASONS[status], len(body))
             )
+            cycle: Any = getattr(self, "cycle", None)
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                # The app's answer is half written: ours cannot follow it. Close as uvicorn would.
+                transport.close()
+                return
             transport.write(head + body)
-            transport.close()
+            if cycle is not None and not cycle.response_complete:
+                # The app runs for this request (its body failed to parse, say): it has lost the
+                # request. Its reads see a disconnect and its writes go nowhere, as when a client leaves.
+                cycle.disconnected = True
+                cycle.message_event.set()
+            # Lingering close: a client still sending (a large body) would get a reset from the
+            # kernel if we closed with its bytes unread, and lose this answer with it. Say we are
+            # done writing, drop what still arrives, and close shortly.
+            self._lingering = True
+            if transport.can_write_eof():
+                transport.write_eof()
+            loop: asyncio.AbstractEventLoop = self.loop
+            loop.call_later(_LINGER_S, transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._lingering:
+                super().data_received(data)
 
         def send_400_response(self, msg: str) -> None:
             self._answer(400, msg, "invalid_request_error", "invalid_http_request")

@@ -148,3 +148,29 @@ def test_after_an_internal_error_the_connection_serves_the_next_request(sims: Si
         status, body, _ = read_response(sock)
     assert status == 200
     assert body["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        # HTTP/1.0: no keep-alive, so the server closes right after its answer.
+        (b"POST /nope HTTP/1.0\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 404),
+        (b"POST /health HTTP/1.0\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 405),
+        (b"POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 413),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    ],
+)
+def test_an_answer_before_a_large_body_is_read_still_reaches_the_client(
+    sims: Sims, serve: Serve, request_head: bytes, status: int
+) -> None:
+    """Answering and closing while the client still sends makes the kernel reset the connection,
+    and the client loses the answer: the rest of the body is drained, or the close lingers."""
+    server = serve(sims(slots=1))  # the default limit, 16 MiB
+    body = b'{"prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
+    head = request_head % len(body) if b"%d" in request_head else request_head
+    sock = connect(server)
+    sock.sendall(head + body)  # the whole body: as a client library does before it reads
+    answer, error, _ = read_response(sock)
+    assert answer == status
+    assert {"message", "type", "code"} <= set(error["error"])
+    sock.close()
