@@ -90,6 +90,11 @@ class Backend:
         """Slots every balancer together holds here, as Redis last said (shared mode only)."""
         self.free = 0
         """Free slots now: derived, kept current by the setters below (the scheduler reads it per backend)."""
+        self.with_free_slots: set[Backend] | None = None
+        """The scheduler's set of backends with a free slot, kept by this backend as ``free`` changes
+        (so a dispatch need not look at every backend)."""
+        self.position = 0
+        """Its place in the fleet's order (ties and listings follow it)."""
         self.reason = "not polled yet"
         self.state_since = time.monotonic()
         """When the backend entered its current state."""
@@ -156,6 +161,11 @@ class Backend:
     def _update_free(self) -> None:
         used = self._in_flight + self._external + self._shared_others
         self.free = max(0, self.capacity - used) if self.routable else 0
+        if self.with_free_slots is not None:
+            if self.free > 0:
+                self.with_free_slots.add(self)
+            else:
+                self.with_free_slots.discard(self)
 
     @property
     def state(self) -> BackendState:

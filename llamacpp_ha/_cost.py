@@ -33,6 +33,10 @@ class CostModel:
     def __init__(self, backends: Sequence[Backend]) -> None:
         self._backends = backends
         self._tokens_per_char: dict[str | None, float] = {}
+        self._rates_sum = sum(b.prefill_rate for b in backends if b.prefill_rate is not None)
+        self._rates_count = sum(1 for b in backends if b.prefill_rate is not None)
+        """Kept as rates are learned: a backend that has not reported one is priced at the fleet's
+        mean, and a decision must not scan the fleet for it."""
         self.mean_prompt_tokens: float | None = None
         """Moving average of prompt lengths: a slot holds one prompt, whatever its context size."""
 
@@ -49,8 +53,7 @@ class CostModel:
     def prefill_rate(self, backend: Backend) -> float:
         if backend.prefill_rate is not None:
             return backend.prefill_rate
-        known = [b.prefill_rate for b in self._backends if b.prefill_rate is not None]
-        return sum(known) / len(known) if known else DEFAULT_PREFILL_TOKENS_PER_S
+        return self._rates_sum / self._rates_count if self._rates_count else DEFAULT_PREFILL_TOKENS_PER_S
 
     def service_s(self, backend: Backend) -> float:
         return backend.service_s if backend.service_s is not None else DEFAULT_SERVICE_S
@@ -80,10 +83,15 @@ class CostModel:
             self._tokens_per_char[model] = _ema(self._tokens_per_char.get(model), ratio)
             self._tokens_per_char[None] = _ema(self._tokens_per_char.get(None), ratio)
 
-    @staticmethod
-    def learn_prefill(backend: Backend, prompt_n: int, prompt_ms: float) -> None:
+    def learn_prefill(self, backend: Backend, prompt_n: int, prompt_ms: float) -> None:
         if prompt_n >= _MIN_PROMPT_N and prompt_ms > 0:
-            backend.prefill_rate = _ema(backend.prefill_rate, prompt_n / (prompt_ms / 1000))
+            old = backend.prefill_rate
+            backend.prefill_rate = _ema(old, prompt_n / (prompt_ms / 1000))
+            if old is None:
+                self._rates_count += 1
+                self._rates_sum += backend.prefill_rate
+            else:
+                self._rates_sum += backend.prefill_rate - old
 
     @staticmethod
     def learn_load(backend: Backend, load_s: float) -> None:

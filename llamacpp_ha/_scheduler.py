@@ -33,9 +33,15 @@ _OWN_WORK_AGAIN = 1.0
 _WAIT_ALPHA = 0.05
 _HOME_MARGIN = 0.25
 """How much more a prompt's home backend may cost than the best before it goes elsewhere."""
+_HOMES_CACHED = 65_536
+"""Prompt beginnings whose home backend is remembered; the cache starts over past this."""
 _TIE_S = 0.005
 _TIE_SHARE = 0.05
 """Predictions this close (5 ms, or 5%) are equal: then the least busy backend wins."""
+
+
+def _by_position(backend: Backend) -> int:
+    return backend.position
 
 
 def _shared_blocks(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
@@ -126,6 +132,11 @@ class Scheduler:
         self.shared: SharedFleet | None = None
         """Set in shared mode: told of releases, newly cached prompts and pins, for the peers."""
         self._generations = {backend.name: backend.generation for backend in backends}
+        self._homes: dict[bytes, Backend] = {}
+        """First block -> home backend (see :meth:`_home`)."""
+        self._with_free_slots: set[Backend] = set()
+        for position, backend in enumerate(backends):
+            self._watch(backend, position)
         self.model_loaded: Callable[[Backend], None] | None = None
         """Told when a request that loaded a router's model starts answering (to poll it at once)."""
         self._turn = 0
@@ -138,10 +149,18 @@ class Scheduler:
 
     # -- events -----------------------------------------------------------------------------
 
+    def _watch(self, backend: Backend, position: int) -> None:
+        backend.position = position
+        backend.with_free_slots = self._with_free_slots
+        if backend.free > 0:
+            self._with_free_slots.add(backend)
+
     def backend_added(self, backend: Backend) -> None:
         """A router listed a new model: its backend joins the fleet (already in the shared list)."""
+        self._watch(backend, len(self._by_name))
         self._by_name[backend.name] = backend
         self._generations[backend.name] = backend.generation
+        self._homes.clear()  # a new backend may be the home of some prompts
 
     def backends_changed(self) -> None:
         """A poll finished: forget the caches of restarted backends, resize the index, dispatch."""
@@ -170,7 +189,7 @@ class Scheduler:
         queue.end_patience(now)
         # Built once per call and kept up to date as slots are granted: a dispatch after one
         # released slot costs one pass over the backends, not one per loop turn.
-        free = [backend for backend in self._backends if backend.free > 0 and self._accepting(backend, now)]
+        free = sorted((backend for backend in self._with_free_slots if self._accepting(backend, now)), key=_by_position)
         if free and self.settings.cost_aware:
             # Waiters past their patience first, then the parked ones, then arrival order.
             self._serve_in_order(free, now, overdue_only=True)
@@ -381,12 +400,24 @@ class Scheduler:
         when that costs about as much as the best: prompts that share a beginning then gather on
         one backend instead of being copied to all, so the fleet's caches hold more distinct
         prompts. The cost margin keeps a popular beginning from making its home a hot spot."""
-        first = waiter.prompt.blocks[0]
-        home = max(self._backends, key=lambda b: hashlib.blake2b(first + b.name.encode(), digest_size=8).digest())
+        home = self._home_of(waiter.prompt.blocks[0])
         for option in options:
             if option.backend is home and option.score <= best.score * (1 + _HOME_MARGIN) + _TIE_S:
                 return option
         return best
+
+    def _home_of(self, first_block: bytes) -> Backend:
+        """The backend a prompt beginning with this block gathers on (rendezvous hashing), cached:
+        hashing it with every backend's name costs a millisecond at 1,000 backends."""
+        home = self._homes.get(first_block)
+        if home is None:
+            if len(self._homes) >= _HOMES_CACHED:
+                self._homes.clear()
+            home = max(
+                self._backends, key=lambda b: hashlib.blake2b(first_block + b.name.encode(), digest_size=8).digest()
+            )
+            self._homes[first_block] = home
+        return home
 
     def _cheapest(self, options: list[_Option]) -> _Option:
         """The lowest predicted prefill; near-ties go to the least busy backend, rotating."""
