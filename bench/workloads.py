@@ -26,6 +26,9 @@ class Speed:
     """Prefill of n new tokens after c cached ones: t0 + a*n + b*((c+n)^2 - c^2) ms."""
     decode_tokens_per_s: float
     """One stream alone; per stream it falls as ``streams ** -0.45``."""
+    stalled_token_s: float | None = None
+    """Time per decoded token while a slot prefills (llama-server interleaves a prompt chunk with
+    every decode step); None: decoding runs ``prefill_slows_decode`` (2x) slower then."""
 
     def prefill_s(self, new: int, cached: int) -> float:
         t0, a, b = self.prefill_curve_ms
@@ -35,9 +38,15 @@ class Speed:
         slowdown: float = slots**0.45
         return self.decode_tokens_per_s / slowdown
 
+    def token_s(self, slots: int, prefilling: float) -> float:
+        """Mean time per decoded token on a full backend that prefills ``prefilling`` of the time."""
+        free_running = 1 / self.per_stream(slots)
+        stalled = self.stalled_token_s if self.stalled_token_s is not None else 2 * free_running
+        return prefilling * stalled + (1 - prefilling) * free_running
+
 
 SPEEDS = {
-    "gpu-8b": Speed((3.0, 0.041, 7.8e-7), 185.0),
+    "gpu-8b": Speed((3.0, 0.041, 7.8e-7), 185.0, stalled_token_s=0.120),
     "cpu-200m": Speed((0.0, 1000 / 360, 0.0), 51.0),
 }
 
@@ -82,15 +91,25 @@ def capacity_per_s(requests: list[tuple[int, int, int]], backends: int, slots: i
     """Requests/s a fleet serves when each prompt is prefilled only past its oracle-cached prefix.
 
     ``requests`` are ``(prompt tokens, reusable tokens, output tokens)``. A backend is limited by
-    its prefill compute (one prefill at a time) and by its slots (prefill plus decode at the
-    per-stream speed of a full backend); the tighter limit counts.
+    its prefill compute (one prefill at a time) and by its slots: a request holds one for its
+    prefill and its decode, and decoding stalls while any slot prefills, so at ``r`` requests/s
+    a backend prefilling ``r * prefill`` of the time decodes at ``speed.token_s`` per token. The
+    largest rate that fits both counts (found by bisection).
     """
-    per_stream = speed.per_stream(slots)
     prefill = [speed.prefill_s(total - reused, reused) for total, reused, _ in requests]
-    held = [p + out / per_stream for p, (_, _, out) in zip(prefill, requests, strict=True)]
     mean_prefill = sum(prefill) / len(prefill)
-    mean_held = sum(held) / len(held)
-    return backends * min(1 / mean_prefill, slots / mean_held)
+    mean_output = sum(out for _, _, out in requests) / len(requests)
+
+    def fits(rate: float) -> bool:
+        prefilling = rate * mean_prefill
+        held = mean_prefill + mean_output * speed.token_s(slots, prefilling)
+        return prefilling <= 1 and rate * held <= slots
+
+    low, high = 0.0, 1 / mean_prefill
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return backends * low
 
 
 @dataclass(frozen=True)
