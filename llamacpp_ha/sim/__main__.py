@@ -1,4 +1,5 @@
-"""``python -m llamacpp_ha.sim --port P --slots N --model NAME``: serve a simulated llama-server."""
+"""``python -m llamacpp_ha.sim --port P --slots N --model NAME``: serve a simulated llama-server
+(``--router qwen,gemma``: one in router mode)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from ._app import SimulatedLlamaServer
 from ._config import PROFILES, SimConfig
 from ._http import http_protocol
+from ._router import SimulatedLlamaRouter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", help="require this key (Bearer or X-Api-Key)")
     parser.add_argument("--no-slots", action="store_true", help="disable /slots (501), like --no-slots")
     parser.add_argument("--config-json", help="a whole SimConfig as JSON (used by SimProcess)")
+    parser.add_argument(
+        "--router", metavar="MODELS", help="router mode (--models-dir): comma-separated model ids, loaded on demand"
+    )
+    parser.add_argument("--models-max", type=int, default=4, help="router mode: models loaded at once")
+    parser.add_argument("--load-s", type=float, default=2.0, help="router mode: seconds to load a model")
     args = parser.parse_args(argv)
 
     if args.config_json:
@@ -48,8 +55,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    app = SimulatedLlamaServer(config)
-    print(f"simulated llama-server {config.model_id} ({config.slots} slots) on http://{args.host}:{args.port}")
+    app: SimulatedLlamaServer | SimulatedLlamaRouter
+    if args.router:
+        names = [name for name in args.router.split(",") if name]
+        app = SimulatedLlamaRouter(dict.fromkeys(names, config), models_max=args.models_max, load_s=args.load_s)
+        print(
+            f"simulated llama-server router ({', '.join(names)}; {config.slots} slots each) on http://{args.host}:{args.port}"
+        )
+    else:
+        app = SimulatedLlamaServer(config)
+        print(f"simulated llama-server {config.model_id} ({config.slots} slots) on http://{args.host}:{args.port}")
     uvicorn.run(
         app,
         host=args.host,
