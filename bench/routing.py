@@ -30,7 +30,7 @@ from llamacpp_ha.sim import SimConfig, SimProcess
 
 from .fleet import Record, deferred_total, one_request, percentile, write_results
 from .strategies import Strategy, make_strategy
-from .workloads import SPEEDS, WORKLOADS, Conversation, Fleet, Workload, make_workload
+from .workloads import SPEEDS, TRACE, WORKLOADS, Conversation, Fleet, Workload, make_workload
 
 RESULTS = Path(__file__).parent / "results"
 FLEETS = {"agent": (16, 65_536), "shared": (48, 16_384), "trace": (8, 131_072), "no_reuse": (16, 16_384)}
@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.backends:
         args.backends_count = len(args.backends.split(","))
+    if "trace" in args.workloads.split(",") and not TRACE.exists():
+        # Checked now, not when the trace's turn comes after the other workloads' half hour.
+        parser.error(f"the trace workload needs {TRACE} (run from a checkout beside shared/)")
 
     cells = asyncio.run(main_async(args))
     print()

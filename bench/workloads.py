@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPEEDS", "WORKLOADS", "Conversation", "Fleet", "Speed", "Workload", "make_workload"]
+__all__ = ["SPEEDS", "TRACE", "WORKLOADS", "Conversation", "Fleet", "Speed", "Workload", "make_workload"]
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 
