@@ -157,7 +157,7 @@ class Balancer:
     def _registry(self) -> Registry:
         if self._registry_instance is None:
             client = httpx2.AsyncClient(transport=self._poll_transport, limits=httpx2.Limits(keepalive_expiry=4.0))
-            self._registry_instance = Registry(self.backends, client, self.config.poll_timeout_s)
+            self._registry_instance = Registry(client, self.config.poll_timeout_s)
         return self._registry_instance
 
     def wake_poller(self, backend: Backend) -> None:

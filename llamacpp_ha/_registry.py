@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any
 
 import httpx2
@@ -21,16 +20,12 @@ class Registry:
     polled: its rate gauges reset on every scrape and we would corrupt the operator's numbers.
     """
 
-    def __init__(self, backends: Sequence[Backend], client: httpx2.AsyncClient, timeout_s: float) -> None:
-        self.backends = backends
+    def __init__(self, client: httpx2.AsyncClient, timeout_s: float) -> None:
         self._client = client
         self._timeout = httpx2.Timeout(timeout_s)
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-    async def poll_all(self) -> None:
-        await asyncio.gather(*(self.poll(backend) for backend in self.backends))
 
     async def _get(self, backend: Backend, path: str) -> httpx2.Response:
         params = {} if backend.router_model is None else {"model": backend.router_model, "autoload": "false"}
@@ -39,40 +34,45 @@ class Registry:
         )
 
     async def poll(self, backend: Backend) -> None:
+        await self._poll(backend)
+        if backend.state is not BackendState.HEALTHY:
+            # A router that does not answer takes its models down with it.
+            for child in backend.children.values():
+                child.set_state(backend.state, backend.reason)
+
+    async def _poll(self, backend: Backend) -> None:
         backend.begin_poll()
         try:
             health = await self._get(backend, "/health")
         except httpx2.HTTPError as exc:
             backend.set_state(BackendState.DEAD, _failure("/health", exc))
-            self._router_down(backend)
             return
         if health.status_code == 503:
             backend.set_state(BackendState.LOADING, "loading the model")
-            self._router_down(backend)
             return
         if health.status_code != 200:
             backend.set_state(BackendState.DEAD, f"/health answered {health.status_code}")
-            self._router_down(backend)
             return
         try:
             props, models = await asyncio.gather(self._get(backend, "/props"), self._get(backend, "/v1/models"))
         except httpx2.HTTPError as exc:
             backend.set_state(BackendState.DEAD, _failure("/props", exc))
-            self._router_down(backend)
             return
         if props.status_code != 200 or models.status_code != 200:
             failed = props if props.status_code != 200 else models
             backend.set_state(BackendState.DEAD, f"{failed.url.path} answered {failed.status_code}")
-            self._router_down(backend)
             return
         props_body = props.json()
         if isinstance(props_body, dict) and props_body.get("role") == "router":
             await self._poll_router(backend, props_body, models.json())
             return
-        self._read_props(backend, props_body)
         self._read_models(backend, models.json())
-        busy = await self._read_slots(backend)
-        backend.reconcile(busy)
+        await self._read_ready(backend, props_body)
+
+    async def _read_ready(self, backend: Backend, props: Any) -> None:
+        """A server (or a router's model) that answered ``/props``: its slots, load and readiness."""
+        self._read_props(backend, props)
+        backend.reconcile(await self._read_slots(backend))
         backend.set_state(BackendState.HEALTHY, "sleeping" if backend.sleeping else "ready")
 
     async def _poll_router(self, router: Backend, props: dict[str, Any], models: Any) -> None:
@@ -108,8 +108,7 @@ class Registry:
             elif value in ("loading", "downloading"):
                 child.set_state(BackendState.LOADING, f"{value} the model")
             else:
-                reason = "not loaded: the first request loads it" if autoload else "not loaded (router autoload off)"
-                child.set_state(BackendState.UNLOADED, reason)
+                _set_unloaded(child)
         for model_id, child in router.children.items():
             if model_id not in listed:
                 child.set_state(BackendState.DEAD, "no longer listed by the router")
@@ -126,7 +125,7 @@ class Registry:
             return
         if props.status_code == 400:
             # Unloaded between the router's list and this poll (``model is not loaded``).
-            child.set_state(BackendState.UNLOADED, "not loaded: the first request loads it")
+            _set_unloaded(child)
             return
         if props.status_code == 503:
             child.set_state(BackendState.LOADING, "loading the model")
@@ -134,15 +133,7 @@ class Registry:
         if props.status_code != 200:
             child.set_state(BackendState.DEAD, f"/props answered {props.status_code}")
             return
-        self._read_props(child, props.json())
-        child.reconcile(await self._read_slots(child))
-        child.set_state(BackendState.HEALTHY, "sleeping" if child.sleeping else "ready")
-
-    @staticmethod
-    def _router_down(router: Backend) -> None:
-        """A router that does not answer takes its models down with it."""
-        for child in router.children.values():
-            child.set_state(router.state, router.reason)
+        await self._read_ready(child, props.json())
 
     @staticmethod
     def _read_props(backend: Backend, props: Any) -> None:
@@ -196,3 +187,8 @@ class Registry:
 
 def _failure(path: str, exc: Exception) -> str:
     return f"{path}: {type(exc).__name__}: {exc}".rstrip(": ")
+
+
+def _set_unloaded(child: Backend) -> None:
+    reason = "not loaded: the first request loads it" if child.autoload else "not loaded (router autoload off)"
+    child.set_state(BackendState.UNLOADED, reason)

@@ -39,16 +39,16 @@ def http_protocol(*, header_timeout_s: float = 10.0, max_connections: int | None
             transport: Any = self.transport
             if transport.is_closing():
                 return
-            body = json.dumps(openai_error(message, error_type, code)).encode()
-            head = (
-                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-                % (status, _REASONS[status], len(body))
-            )
             cycle: Any = getattr(self, "cycle", None)
             if cycle is not None and cycle.response_started and not cycle.response_complete:
                 # The app's answer is half written: ours cannot follow it. Close as uvicorn would.
                 transport.close()
                 return
+            body = json.dumps(openai_error(message, error_type, code)).encode()
+            head = (
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                % (status, _REASONS[status], len(body))
+            )
             transport.write(head + body)
             if cycle is not None and not cycle.response_complete:
                 # The app runs for this request (its body failed to parse, say): it has lost the
