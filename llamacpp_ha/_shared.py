@@ -116,6 +116,7 @@ class SharedFleet:
         self._sending.set()
         self._client: Redis | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._connected = asyncio.Event()
 
     # -- keys --------------------------------------------------------------------------------
@@ -156,6 +157,7 @@ class SharedFleet:
                 await self._connected.wait()
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,7 +181,10 @@ class SharedFleet:
     async def _run(self) -> None:
         from redis.exceptions import RedisError
 
-        while True:
+        # Not "while True": in Python 3.11 a TaskGroup whose child fails as the task is cancelled
+        # raises the child's error and drops the cancel, which the handlers below would absorb,
+        # and aclose() would wait for this loop forever (seen once in CI, in a test's teardown).
+        while not self._closing:
             try:
                 await self._connect()
                 async with asyncio.TaskGroup() as group:
@@ -191,7 +196,8 @@ class SharedFleet:
             except* Exception as failure:  # a bug must not leave admission waiting on us
                 logger.error("shared mode failed", exc_info=failure.exceptions[0])
                 self._fall_back(failure.exceptions[0])
-            await asyncio.sleep(self.config.retry_interval_s)
+            if not self._closing:
+                await asyncio.sleep(self.config.retry_interval_s)
 
     async def _connect(self) -> None:
         from redis.asyncio import Redis
