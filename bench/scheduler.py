@@ -27,7 +27,7 @@ from typing import Any
 from llamacpp_ha import BackendConfig, BackendState, Balancer, BalancerConfig
 from llamacpp_ha._leases import Lease
 from llamacpp_ha._prompt import PromptShape
-from llamacpp_ha._queue import Waiter
+from llamacpp_ha._queue import Grant, Waiter
 
 RESULTS = Path(__file__).parent / "results"
 SLOTS = 4
@@ -53,10 +53,10 @@ def prompt(rng: random.Random) -> PromptShape:
     return PromptShape(blocks, len(blocks) * 512 + 100, 1)
 
 
-def enqueue(balancer: Balancer, count: int, loop: asyncio.AbstractEventLoop, rng: random.Random) -> None:
+def enqueue(balancer: Balancer, count: int, rng: random.Random) -> None:
     now = time.monotonic()
     for _ in range(count):
-        waiter = Waiter(balancer.queue.next_seq(), "model", loop.create_future(), now, prompt=prompt(rng))
+        waiter = Waiter(balancer.queue.next_seq(), "model", Grant(), now, prompt=prompt(rng))
         balancer.queue.push(waiter)
 
 
@@ -74,12 +74,11 @@ def decision_times(balancer: Balancer, decisions: int, rng: random.Random) -> li
 
 
 async def measure(backends: int, waiting: int, decisions: int) -> dict[str, float]:
-    loop = asyncio.get_running_loop()
     rng = random.Random(3)
     balancer = fleet(backends)
-    enqueue(balancer, backends * SLOTS, loop, rng)  # fills every slot
+    enqueue(balancer, backends * SLOTS, rng)  # fills every slot
     balancer.scheduler.dispatch()
-    enqueue(balancer, waiting + decisions, loop, rng)
+    enqueue(balancer, waiting + decisions, rng)
     times = decision_times(balancer, decisions, rng)
     # A release may grant nothing (its waiters are parked elsewhere) or more than one (a slot left
     # free earlier): the queue ends near, not exactly at, the starting length.
@@ -93,11 +92,10 @@ async def measure(backends: int, waiting: int, decisions: int) -> dict[str, floa
 
 
 async def memory_per_waiter(count: int) -> float:
-    loop = asyncio.get_running_loop()
     balancer = fleet(1)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    enqueue(balancer, count, loop, random.Random(5))
+    enqueue(balancer, count, random.Random(5))
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     return (after - before) / count

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+import anyio
 import httpx2
 
 from ._affinity import AffinityTable
@@ -24,7 +23,7 @@ from ._errors import (
 from ._leases import Lease
 from ._policies import make_policy
 from ._poller import Poller
-from ._queue import Waiter, WaitQueue
+from ._queue import Grant, Waiter, WaitQueue
 from ._registry import Registry
 from ._request import RequestFacts
 from ._scheduler import Scheduler, SchedulerSettings
@@ -65,7 +64,6 @@ class Balancer:
         )
         policy = make_policy(config.policy)
         self.scheduler = Scheduler(self.backends, self.queue, policy, self.affinity, self.stats, settings)
-        self.scheduler.model_loaded = self.wake_poller
         self.shared: SharedFleet | None = None
         """Set when ``config.shared`` names a Redis: slot leases, index and pins shared with peers."""
         if config.shared is not None:
@@ -81,8 +79,10 @@ class Balancer:
             )
             self.scheduler.shared = self.shared
         self._registry_instance: Registry | None = None
-        self._poller = Poller(self)
-        self._polled = asyncio.Event()
+        self._poller = Poller(self, self.scheduler.alarm)
+        self.scheduler.model_loaded = self._poller.wake
+        self._polled: anyio.Event | None = None
+        """Set once every backend was polled (made by the first start())."""
         self._closed = False
 
     @property
@@ -105,13 +105,15 @@ class Balancer:
         """Start polling now and wait for the first poll (otherwise the first request does this)."""
         if self._closed:
             raise BalancerClosedError("The balancer is closed.")
+        if self.shared is not None:
+            self.shared.check_event_loop()
         self._poller.start()
         if self.shared is not None:
             await self.shared.start()
-        if not self._polled.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.poll_timeout_s * 3):
-                    await self._polled.wait()
+        if not self._all_polled():
+            self._polled = self._polled or anyio.Event()
+            with anyio.move_on_after(self.config.poll_timeout_s * 3):
+                await self._polled.wait()
 
     async def aclose(self) -> None:
         """Stop polling, fail waiting requests with 503, and close connections. Idempotent."""
@@ -120,7 +122,7 @@ class Balancer:
         self._closed = True
         self.scheduler.close()
         for waiter in self.queue.drain():
-            waiter.future.set_exception(BalancerClosedError("The balancer was closed while the request waited."))
+            waiter.grant.fail(BalancerClosedError("The balancer was closed while the request waited."))
         await self._poller.aclose()
         if self._registry_instance is not None:
             await self._registry_instance.aclose()
@@ -130,7 +132,10 @@ class Balancer:
 
     async def poll_now(self) -> None:
         """Poll every backend once, then dispatch what the new state allows."""
-        await asyncio.gather(*(self.poll_backend(b) for b in self.backends if b.router is None))
+        async with anyio.create_task_group() as group:
+            for backend in self.backends:
+                if backend.router is None:
+                    group.start_soon(self.poll_backend, backend)
 
     async def poll_backend(self, backend: Backend) -> None:
         """Poll one backend (a router with its models) and act on the result at once."""
@@ -140,9 +145,12 @@ class Balancer:
             logger.exception("polling backend %s failed", backend.name)
         backend.polled = True
         self._adopt(backend.children.values())
-        if all(b.polled for b in self.backends):
+        if self._polled is not None and self._all_polled():
             self._polled.set()
         self.scheduler.backends_changed()
+
+    def _all_polled(self) -> bool:
+        return all(backend.polled for backend in self.backends)
 
     def _adopt(self, children: Iterable[Backend]) -> None:
         """A router listed models not seen before: each becomes a backend to route to."""
@@ -162,7 +170,7 @@ class Balancer:
 
     def wake_poller(self, backend: Backend) -> None:
         """Poll this backend (a router's model: its router) now instead of at its next interval; no other."""
-        self._poller.wake((backend.router or backend).name)
+        self._poller.wake(backend)
 
     def resolve_model(self, model: str | None) -> str | None:
         """The queue key for a requested model: the name itself, or None for "any backend"."""
@@ -281,11 +289,11 @@ class Balancer:
         ticket: Ticket | None = None,
     ) -> Lease:
         now = time.monotonic()
-        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        grant = Grant()
         waiter = Waiter(
             seq,
             model,
-            future,
+            grant,
             now,
             prompt=facts.prompt,
             pin=facts.pin,
@@ -294,9 +302,9 @@ class Balancer:
         )
         self.queue.push(waiter)
         self.scheduler.dispatch()
-        if not future.done():
+        if not grant.done():
             self.scheduler.queued(waiter)
-        if not future.done() and not excluded and not requeued and len(self.queue) > self.config.max_queue:
+        if not grant.done() and not excluded and not requeued and len(self.queue) > self.config.max_queue:
             # Only requests that must wait count against the bound (a retry keeps its place).
             self._give_up(waiter)
             self.stats.queue_rejections += 1
@@ -304,12 +312,12 @@ class Balancer:
                 f"{len(self.queue)} requests are already waiting for a slot (max_queue).",
                 retry_after_s=self._retry_after_s(),
             )
-        if not future.done():
+        if not grant.done():
             if ticket is not None and self.shared is not None:
                 self.shared.waiting(ticket)
             try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    await future
+                with anyio.fail_after(deadline - time.monotonic()):
+                    return await grant.wait()
             except TimeoutError:
                 self._give_up(waiter)
                 self.stats.queue_timeouts += 1
@@ -321,7 +329,7 @@ class Balancer:
             except BaseException:
                 self._give_up(waiter)
                 raise
-        return future.result()
+        return grant.result()
 
     def _check_servable(self, model: str | None, facts: RequestFacts) -> None:
         """Fail at once what waiting cannot fix: every backend down, or a prompt too long for all."""
@@ -357,15 +365,10 @@ class Balancer:
             )
 
     def _give_up(self, waiter: Waiter) -> None:
-        future = waiter.future
-        if not future.done():
-            future.cancel()
-        if future.cancelled():
-            self.queue.forget(waiter)
-        elif future.exception() is None:
-            # Granted in the same instant the waiter gave up: the slot goes back.
-            future.result().release()
-        # else: aclose() failed the waiter and emptied the queue already.
+        lease = waiter.grant.abandon()
+        if lease is not None:
+            lease.release()  # granted in the same instant the waiter gave up: the slot goes back
+        self.queue.forget(waiter)
 
     def _retry_after_s(self) -> float:
         return max(1.0, min(self.config.queue_timeout_s, 30.0))

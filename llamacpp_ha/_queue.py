@@ -1,16 +1,70 @@
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 from enum import Enum
 
+import anyio
+
 from ._leases import Lease
 from ._prompt import NO_PROMPT, PromptShape
 
-__all__ = ["WaitQueue", "Waiter", "WaiterState"]
+__all__ = ["Grant", "WaitQueue", "Waiter", "WaiterState"]
 
 _COMPACT_AT = 64
+
+
+class Grant:
+    """What a waiting request is given, once: a lease, or the error that ends its wait.
+
+    A future on anyio's event, so that it works under Trio too. The waiting task may be cancelled
+    in the same instant a slot is granted to it: :meth:`abandon` then hands the lease back to be
+    released, so the slot is never lost.
+    """
+
+    __slots__ = ("_abandoned", "_error", "_event", "_lease")
+
+    def __init__(self) -> None:
+        self._lease: Lease | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._event: anyio.Event | None = None
+        """Made by the first wait (a grant can be made outside an event loop)."""
+
+    def done(self) -> bool:
+        return self._lease is not None or self._error is not None or self._abandoned
+
+    def give(self, lease: Lease) -> None:
+        assert not self.done(), "a grant is given once"
+        self._lease = lease
+        if self._event is not None:
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        assert not self.done(), "a grant is given once"
+        self._error = error
+        if self._event is not None:
+            self._event.set()
+
+    def abandon(self) -> Lease | None:
+        """The waiter gives up. Returns the lease if one was given meanwhile: the caller releases it."""
+        if self._abandoned:
+            return None
+        self._abandoned = True
+        return self._lease
+
+    def result(self) -> Lease:
+        if self._error is not None:
+            raise self._error
+        if self._lease is None:
+            raise RuntimeError("nothing was granted")
+        return self._lease
+
+    async def wait(self) -> Lease:
+        if not self.done():
+            self._event = anyio.Event()
+            await self._event.wait()
+        return self.result()
 
 
 class WaiterState(Enum):
@@ -29,7 +83,7 @@ class Waiter:
         "deadline",
         "enqueued_at",
         "excluded",
-        "future",
+        "grant",
         "model",
         "parked_on",
         "patience_spent",
@@ -44,7 +98,7 @@ class Waiter:
         self,
         seq: int,
         model: str | None,
-        future: asyncio.Future[Lease],
+        grant: Grant,
         enqueued_at: float,
         *,
         prompt: PromptShape = NO_PROMPT,
@@ -54,7 +108,7 @@ class Waiter:
     ) -> None:
         self.seq = seq
         self.model = model
-        self.future = future
+        self.grant = grant
         self.enqueued_at = enqueued_at
         """On the scheduler's clock (``time.monotonic``)."""
         self.prompt = prompt
@@ -70,7 +124,7 @@ class Waiter:
 
     @property
     def waiting(self) -> bool:
-        return self.state is not WaiterState.DONE and not self.future.done()
+        return self.state is not WaiterState.DONE and not self.grant.done()
 
     @property
     def weight(self) -> int:
@@ -241,13 +295,12 @@ class WaitQueue:
     def _live(self, waiter: Waiter, state: WaiterState = WaiterState.QUEUED) -> bool:
         """Whether the waiter is in ``state`` and its request still waits.
 
-        ``Task.cancel()`` cancels the future its task awaits at once, but the task hears of it only
-        at its next step: a slot freed in between must not go to it. Such a waiter is counted out
-        here (its own ``forget`` later finds it done).
+        A waiter whose grant is done without the queue knowing (given up, or failed on close) is
+        counted out here; its own ``forget`` later finds it gone.
         """
         if waiter.state is not state:
             return False
-        if waiter.future.done():
+        if waiter.grant.done():
             self._leave(waiter)
             self._dead += 1
             return False

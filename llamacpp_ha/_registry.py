@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
+import anyio
 import httpx2
 
 from ._backend import Backend, BackendState
@@ -33,6 +33,14 @@ class Registry:
             backend.url + path, params=params, headers=backend.auth_headers, timeout=self._timeout
         )
 
+    async def _get_into(
+        self, answers: dict[str, httpx2.Response | httpx2.HTTPError], backend: Backend, path: str
+    ) -> None:
+        try:
+            answers[path] = await self._get(backend, path)
+        except httpx2.HTTPError as exc:
+            answers[path] = exc
+
     async def poll(self, backend: Backend) -> None:
         await self._poll(backend)
         if backend.state is not BackendState.HEALTHY:
@@ -53,10 +61,16 @@ class Registry:
         if health.status_code != 200:
             backend.set_state(BackendState.DEAD, f"/health answered {health.status_code}")
             return
-        try:
-            props, models = await asyncio.gather(self._get(backend, "/props"), self._get(backend, "/v1/models"))
-        except httpx2.HTTPError as exc:
-            backend.set_state(BackendState.DEAD, _failure("/props", exc))
+        answers: dict[str, httpx2.Response | httpx2.HTTPError] = {}
+        async with anyio.create_task_group() as group:
+            for path in ("/props", "/v1/models"):
+                group.start_soon(self._get_into, answers, backend, path)
+        props, models = answers["/props"], answers["/v1/models"]
+        if isinstance(props, httpx2.HTTPError):
+            backend.set_state(BackendState.DEAD, _failure("/props", props))
+            return
+        if isinstance(models, httpx2.HTTPError):
+            backend.set_state(BackendState.DEAD, _failure("/v1/models", models))
             return
         if props.status_code != 200 or models.status_code != 200:
             failed = props if props.status_code != 200 else models
@@ -112,7 +126,9 @@ class Registry:
         for model_id, child in router.children.items():
             if model_id not in listed:
                 child.set_state(BackendState.DEAD, "no longer listed by the router")
-        await asyncio.gather(*(self._poll_router_model(child) for child in running))
+        async with anyio.create_task_group() as group:
+            for child in running:
+                group.start_soon(self._poll_router_model, child)
         loaded = sum(1 for child in router.children.values() if child.state is BackendState.HEALTHY)
         router.set_state(BackendState.HEALTHY, f"router: {len(listed)} models, {loaded} loaded")
 

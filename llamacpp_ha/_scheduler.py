@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import heapq
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ._affinity import AffinityTable
 from ._backend import Backend, BackendState
+from ._background import Alarm
 from ._cost import CostModel
 from ._leases import Lease
 from ._policies import Policy
@@ -142,8 +142,8 @@ class Scheduler:
         self._turn = 0
         self._typical_wait_s = 0.0
         """Moving average of how long granted requests waited."""
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
+        self.alarm = Alarm(self.dispatch)
+        """Dispatches again when a patience ends or a prompt is surely processed (run by the poller)."""
         self._wakes: list[float] = []
         """When running prompts are surely processed (their backends may take requests again)."""
 
@@ -491,7 +491,7 @@ class Scheduler:
         backend.leases.add(lease)
         self._stats.dispatched += 1
         self.leases.add(lease)
-        waiter.future.set_result(lease)
+        waiter.grant.give(lease)
 
     def _affinity_outcome(self, waiter: Waiter, backend: Backend, matched: int) -> str | None:
         if waiter.pin is not None:
@@ -594,23 +594,9 @@ class Scheduler:
         patience = self._queue.next_patience_end()
         wake = self._wakes[0] if self._wakes and len(self._queue) else None
         at = min((t for t in (patience, wake) if t is not None), default=None)
-        if at is None or at >= self._timer_at:
+        if at is None or at >= self.alarm.at:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = loop.call_later(max(0.0, at - time.monotonic()) + 0.001, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = float("inf")
-        self.dispatch()
+        self.alarm.set(at + 0.001)
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.alarm.cancel()

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import sniffio
+
 from ._backend import Backend, redact_url
 from ._config import SharedConfig
 from ._leases import Lease
@@ -145,6 +147,13 @@ class SharedFleet:
                 self._send("unwait", ticket)
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    @staticmethod
+    def check_event_loop() -> None:
+        """redis-py's async client runs on asyncio only: say so, rather than fail somewhere inside it."""
+        library = sniffio.current_async_library()
+        if library != "asyncio":
+            raise RuntimeError(f"Shared mode (config.shared) runs under asyncio only, not under {library}.")
 
     async def start(self) -> None:
         """Connect in the background and wait for the first attempt's outcome: until then, no

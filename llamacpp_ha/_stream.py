@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
+import anyio
 import httpx2
 
 from ._leases import Lease, Timings
@@ -42,6 +42,7 @@ class LeasedStream(httpx2.AsyncByteStream):
         self._closed = False
         self._expired = False
         self._tail = b""
+        self._chunks: AsyncIterator[bytes] | None = None
         lease.answered(self.expire)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -50,10 +51,11 @@ class LeasedStream(httpx2.AsyncByteStream):
             raise httpx2.StreamClosed()
         upstream = self._upstream.stream
         assert isinstance(upstream, httpx2.AsyncByteStream)
+        self._chunks = chunks = upstream.__aiter__()
         pending = b""
         try:
             lease.reading()
-            async for chunk in upstream:
+            async for chunk in chunks:
                 lease.touch()
                 if self._sse:
                     data = pending + chunk if pending else chunk
@@ -117,7 +119,11 @@ class LeasedStream(httpx2.AsyncByteStream):
         try:
             # Shielded: under a cancelled anyio scope (a server whose client left) every await
             # is cancelled again, and an unclosed connection keeps llama-server generating.
-            await asyncio.shield(self._upstream.aclose())
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
+                if isinstance(self._chunks, AsyncGenerator):
+                    # Closed now, not when collected: Trio warns of async generators left to the GC.
+                    await self._chunks.aclose()
         finally:
             self._lease.release()
 

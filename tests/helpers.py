@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -32,7 +32,7 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
             return
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
+        await anyio.sleep(0.02)
 
 
 async def sim_busy_slots(url: str) -> int:

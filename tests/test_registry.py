@@ -112,8 +112,8 @@ async def test_a_balancer_shows_itself_as_tables() -> None:
 
 
 async def test_a_waiter_cancelled_before_its_task_runs_is_not_granted_the_freed_slot() -> None:
-    """Task.cancel() cancels the awaited future at once; the task learns it only at its next step.
-    A slot released in between must go to the next live waiter, and the release must not fail."""
+    """Task.cancel() takes effect only at the task's next step: a slot released in between is granted
+    to the cancelled waiter, which must hand it on to the next live waiter; the release must not fail."""
     from llamacpp_ha._request import RequestFacts
 
     fleet = MockFleet.of("gpu1", slots=1)
@@ -124,7 +124,7 @@ async def test_a_waiter_cancelled_before_its_task_runs_is_not_granted_the_freed_
     live = asyncio.create_task(balancer.acquire(facts))
     await asyncio.sleep(0.01)
     assert balancer.snapshot().queue_depth == 2
-    cancelled.cancel()  # its future is cancelled now, its task has not run yet
+    cancelled.cancel()  # its task has not run yet
     lease.release()  # the same instant: the freed slot must skip the cancelled waiter
     second = await asyncio.wait_for(live, 2)
     with pytest.raises(asyncio.CancelledError):

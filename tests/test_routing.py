@@ -6,18 +6,24 @@ counts return to where they were.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
+import anyio
 import pytest
 
 from llamacpp_ha import BackendConfig, BackendState, Balancer, BalancerConfig
 from llamacpp_ha._leases import Lease, Timings
 from llamacpp_ha._prefix import PrefixIndex
 from llamacpp_ha._prompt import PromptShape, prompt_shape
-from llamacpp_ha._queue import Waiter, WaiterState
+from llamacpp_ha._queue import Grant, Waiter, WaiterState
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
 
 BLOCK = 512
 
@@ -49,8 +55,7 @@ def balancer(*slots: int, patience_max_s: float = 3.0, prefill_backlog_s: float 
 
 
 def waiter(made: Balancer, shape: PromptShape, *, excluded: frozenset[str] = frozenset()) -> Waiter:
-    future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-    return Waiter(made.queue.next_seq(), "model", future, time.monotonic(), prompt=shape, excluded=excluded)
+    return Waiter(made.queue.next_seq(), "model", Grant(), time.monotonic(), prompt=shape, excluded=excluded)
 
 
 def submit(made: Balancer, shape: PromptShape, **kwargs: frozenset[str]) -> Waiter:
@@ -61,7 +66,7 @@ def submit(made: Balancer, shape: PromptShape, **kwargs: frozenset[str]) -> Wait
 
 
 def granted(entry: Waiter) -> str | None:
-    return entry.future.result().backend.name if entry.future.done() else None
+    return entry.grant.result().backend.name if entry.grant.done() else None
 
 
 def release_all(made: Balancer) -> None:
@@ -126,7 +131,7 @@ async def test_the_backend_holding_the_prefix_wins_when_its_slot_is_free() -> No
     seed(made, "b1", shape)
     entry = submit(made, shape)
     assert granted(entry) == "b1"
-    lease = entry.future.result()
+    lease = entry.grant.result()
     assert lease.affinity == "hit"
     assert lease.expected_cached_tokens == pytest.approx(40 * BLOCK * 0.25)
     release_all(made)
@@ -153,7 +158,7 @@ async def test_short_conversations_sharing_a_system_prompt_find_their_backends_b
         made.scheduler.index.insert(f"b{conversation % 2}", first.blocks, first.end)
     entries = [submit(made, turn(conversation, 2)) for conversation in range(4)]
     assert [granted(entry) for entry in entries] == ["b0", "b1", "b0", "b1"]
-    assert all(entry.future.result().affinity == "hit" for entry in entries)
+    assert all(entry.grant.result().affinity == "hit" for entry in entries)
     release_all(made)
 
 
@@ -168,7 +173,7 @@ async def test_a_free_backend_wins_when_the_one_with_the_prefix_is_buried_in_pre
     b1.leases.add(prefilling)
     entry = submit(made, shape)
     assert granted(entry) == "b0"
-    assert entry.future.result().affinity == "miss"
+    assert entry.grant.result().affinity == "miss"
     b1.leases.discard(prefilling)
     release_all(made)
 
@@ -179,7 +184,7 @@ async def test_a_heterogeneous_fleet_sends_new_prompts_to_the_faster_backend() -
     for i in range(3):
         entry = submit(made, prompt(i, 20))
         assert granted(entry) == "b1"
-        entry.future.result().release()
+        entry.grant.result().release()
     release_all(made)
 
 
@@ -188,8 +193,8 @@ async def test_a_backend_busy_prefilling_takes_no_new_request_until_its_backlog_
     long = [submit(made, prompt(i, 40)) for i in range(2)]  # 5,100 tokens each: 5 s of prefill
     assert sorted(granted(e) or "" for e in long) == ["b0", "b1"]
     waiting = submit(made, prompt(9, 4))
-    assert not waiting.future.done()  # free slots, but both backends have seconds of prefill queued
-    lease = long[0].future.result()
+    assert not waiting.grant.done()  # free slots, but both backends have seconds of prefill queued
+    lease = long[0].grant.result()
     lease.touch()  # its first token: the prompt is processed, the backend takes the next request
     assert granted(waiting) == lease.backend.name
     release_all(made)
@@ -209,9 +214,9 @@ async def test_a_request_waits_for_the_busy_backend_holding_its_long_prefix() ->
     entry = submit(made, shape)  # the other backend is free, but would prefill it all
     assert entry.state is WaiterState.PARKED
     assert entry.parked_on == home
-    holder.future.result().release()  # the slot frees: it picks the parked request
+    holder.grant.result().release()  # the slot frees: it picks the parked request
     assert granted(entry) == home
-    assert entry.future.result().affinity == "hit"
+    assert entry.grant.result().affinity == "hit"
     release_all(made)
 
 
@@ -226,7 +231,11 @@ async def test_patience_ends_and_a_free_slot_elsewhere_serves_the_request() -> N
     entry = submit(made, shape)
     assert entry.state is WaiterState.PARKED
     started = time.monotonic()
-    await asyncio.wait_for(asyncio.shield(entry.future), timeout=2)  # the holder never finishes
+    async with anyio.create_task_group() as group:
+        group.start_soon(made.scheduler.alarm.run)  # the balancer's background task runs it
+        with anyio.fail_after(2):
+            await entry.grant.wait()  # the holder never finishes
+        group.cancel_scope.cancel()
     assert granted(entry) != home
     assert 0.15 <= time.monotonic() - started < 1.5
     release_all(made)
@@ -245,19 +254,19 @@ async def test_parked_requests_go_first_but_never_past_an_overdue_one() -> None:
     old = submit(made, prompt(2, 4), excluded=frozenset({"b0"}))
     hot_served_before_old = 0
     deadline = time.monotonic() + 2
-    while not old.future.done() and time.monotonic() < deadline:
+    while not old.grant.done() and time.monotonic() < deadline:
         newcomer = submit(made, hot)
         assert newcomer.state is WaiterState.PARKED, "a hot request waits for b1 rather than take b0"
-        current.future.result().release()
-        if newcomer.future.done():
+        current.grant.result().release()
+        if newcomer.grant.done():
             hot_served_before_old += 1
             current = newcomer
-        await asyncio.sleep(0.01)
+        await anyio.sleep(0.01)
     assert granted(old) == "b1"
     assert hot_served_before_old >= 1
     assert time.monotonic() - old.enqueued_at < 0.5
     for entry in made.queue.drain():
-        entry.future.cancel()
+        entry.grant.abandon()
     release_all(made)
 
 
@@ -271,11 +280,11 @@ async def test_a_request_with_n_choices_takes_n_slots() -> None:
     light = submit(made, prompt(2, 2))
     too_heavy = submit(made, prompt(3, 2, weight=2))  # one slot left: waits
     assert granted(light) == "b0"
-    assert not too_heavy.future.done()
-    heavy.future.result().release()
+    assert not too_heavy.grant.done()
+    heavy.grant.result().release()
     assert granted(too_heavy) == "b0"
     assert made.backend("b0").in_flight == 3
-    light.future.result().release()
+    light.grant.result().release()
     release_all(made)
 
 
@@ -283,7 +292,7 @@ async def test_a_weight_beyond_every_backend_takes_a_whole_backend() -> None:
     made = balancer(2)
     entry = submit(made, prompt(1, 2, weight=8))
     assert granted(entry) == "b0"
-    assert entry.future.result().weight == 2
+    assert entry.grant.result().weight == 2
     release_all(made)
 
 
@@ -295,8 +304,8 @@ async def test_a_retry_that_must_avoid_the_free_backend_blocks_nobody() -> None:
     retry = submit(made, prompt(1, 1), excluded=frozenset({other}))  # may only use the busy backend
     behind = submit(made, prompt(2, 1))
     assert granted(behind) == other
-    assert not retry.future.done()
-    busy.future.result().release()
+    assert not retry.grant.done()
+    busy.grant.result().release()
     assert granted(retry) == taken
     release_all(made)
 
@@ -307,11 +316,11 @@ async def test_refused_and_cancelled_waiters_do_not_pile_up_in_memory() -> None:
     live = submit(made, prompt(2, 1))
     for i in range(5_000):
         entry = submit(made, prompt(3 + i, 1))
-        entry.future.cancel()
+        entry.grant.abandon()
         made.queue.forget(entry)
     assert len(made.queue) == 1
     assert made.queue.entries() < 200
-    holder.future.result().release()
+    holder.grant.result().release()
     assert granted(live) == "b0"
     made.queue.forget(live)  # granted already: forgetting it again changes nothing
     assert len(made.queue) == 0
@@ -320,12 +329,8 @@ async def test_refused_and_cancelled_waiters_do_not_pile_up_in_memory() -> None:
 
 def test_draining_then_forgetting_never_goes_negative() -> None:
     made = balancer(1)
-    loop = asyncio.new_event_loop()
-    try:
-        entry = Waiter(made.queue.next_seq(), "model", loop.create_future(), time.monotonic())
-        made.queue.push(entry)
-        assert made.queue.drain() == [entry]
-        made.queue.forget(entry)  # aclose() raced a cancellation
-        assert len(made.queue) == 0
-    finally:
-        loop.close()
+    entry = Waiter(made.queue.next_seq(), "model", Grant(), time.monotonic())
+    made.queue.push(entry)
+    assert made.queue.drain() == [entry]
+    made.queue.forget(entry)  # aclose() raced a cancellation
+    assert len(made.queue) == 0
