@@ -246,7 +246,17 @@ class Backend:
 
     def pending_prefill(self, now: float) -> float:
         """Uncached prompt tokens of our requests that are still being processed here."""
-        return sum(lease.uncached_tokens for lease in self.leases if lease.prefilling(now))
+        return self.prefill_work(now)[0]
+
+    def prefill_work(self, now: float) -> tuple[float, int]:
+        """Uncached prompt tokens still being processed here, and by how many of our requests."""
+        tokens = 0.0
+        count = 0
+        for lease in self.leases:
+            if lease.prefilling(now):
+                tokens += lease.uncached_tokens
+                count += 1
+        return tokens, count
 
     def serves(self, model: str | None) -> bool:
         return model is None or model in self._names

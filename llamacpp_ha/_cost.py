@@ -62,11 +62,14 @@ class CostModel:
         """Expected wait for a slot on a full backend, with ``ahead`` requests already waiting for it."""
         return (ahead + 1) * self.service_s(backend) / max(1, backend.capacity)
 
-    def prefill_s(self, backend: Backend, uncached_tokens: float, now: float) -> float:
-        """Time to process ``uncached_tokens`` behind the prefills already running there (after
-        loading the model, on a router that has it unloaded)."""
+    def prefill_s(self, backend: Backend, uncached_tokens: float, now: float, *, pending: float | None = None) -> float:
+        """Time to process ``uncached_tokens`` behind the prefills already running there
+        (``pending`` tokens, when the caller knows them), after loading the model on a router
+        that has it unloaded."""
         loading = self.load_s(backend) if backend.state is BackendState.UNLOADED else 0.0
-        return loading + (backend.pending_prefill(now) + uncached_tokens) / self.prefill_rate(backend)
+        if pending is None:
+            pending = backend.pending_prefill(now)
+        return loading + (pending + uncached_tokens) / self.prefill_rate(backend)
 
     def load_s(self, backend: Backend) -> float:
         """Time a router takes to load this model: learned there, or on another router, or a default."""

@@ -323,8 +323,12 @@ class Scheduler:
             else:
                 held = matched = 0
             uncached = max(1.0, prompt_tokens - held * tokens_per_char)
-            prefill_s = self.cost.prefill_s(backend, uncached, now)
-            score = prefill_s + _OWN_WORK_AGAIN * uncached / self.cost.prefill_rate(backend)
+            pending, prefilling = backend.prefill_work(now)
+            prefill_s = self.cost.prefill_s(backend, uncached, now, pending=pending)
+            # llama-server batches the prompts it processes: this one's uncached tokens also delay
+            # each prompt already prefilling there. Under load that is what a cold prefill really
+            # costs the fleet, and what a cache hit saves.
+            score = prefill_s + (_OWN_WORK_AGAIN + prefilling) * uncached / self.cost.prefill_rate(backend)
             options.append(_Option(backend, matched, held, uncached, prefill_s, score))
         return options
 
@@ -363,17 +367,21 @@ class Scheduler:
         running request whose slot will hold more of it when it finishes. Returns the option, the
         running request's id (or None) and the predicted saving."""
         plans: list[tuple[float, _Option, int | None, float]] = []
+        # A wait predicted longer than the patience cap ends before it pays off: not a plan.
+        cap = self.settings.patience_max_s
         held = self._deepest_busy_holder(waiter, best, now)
         if held is not None:
             saving_s = best.score - held.score
             wait_s = self.cost.slot_wait_s(held.backend, self._queue.parked_count(held.backend.name))
-            plans.append((saving_s - wait_s, held, None, saving_s))
+            if wait_s <= cap:
+                plans.append((saving_s - wait_s, held, None, saving_s))
         running = self._running_holder(waiter, best, now)
         if running is not None:
             lease, option = running
             saving_s = best.score - option.score
             remaining_s = max(0.0, self.cost.service_s(lease.backend) - (now - lease.acquired_at))
-            plans.append((saving_s - remaining_s, option, id(lease), saving_s))
+            if remaining_s <= cap:
+                plans.append((saving_s - remaining_s, option, id(lease), saving_s))
         if not plans:
             return None
         gain, option, behind, saving_s = max(plans, key=lambda plan: plan[0])

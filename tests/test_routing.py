@@ -178,6 +178,30 @@ async def test_a_free_backend_wins_when_the_one_with_the_prefix_is_buried_in_pre
     release_all(made)
 
 
+async def test_a_cold_prompt_is_priced_with_the_prompts_it_delays() -> None:
+    # llama-server batches the prompts it processes, so a cold 5,000-token prompt slows each of the
+    # four prompts already prefilling on b0 by about 5 s. Its own first token would come sooner there
+    # (9 s) than behind b1's longer backlog (20 s), where it is cached; counting the delay it causes
+    # the others, b1 wins.
+    made = balancer(8, 8)
+    shape = prompt(1, 40)  # 5,145 tokens, 5,120 of them cached on b1
+    seed(made, "b1", shape)
+    prefilling = []
+    for name, tokens in (("b0", 1_000.0), ("b1", 5_000.0)):
+        backend = made.backend(name)
+        for _ in range(4):
+            lease = Lease(backend, lambda lease: None)
+            lease.uncached_tokens, lease.predicted_prefill_s = tokens, 60.0
+            backend.leases.add(lease)
+            prefilling.append(lease)
+    entry = submit(made, shape)
+    assert granted(entry) == "b1"
+    assert entry.grant.result().affinity == "hit"
+    for lease in prefilling:
+        lease.backend.leases.discard(lease)
+    release_all(made)
+
+
 async def test_a_heterogeneous_fleet_sends_new_prompts_to_the_faster_backend() -> None:
     made = balancer(2, 2)
     made.backend("b0").prefill_rate = 500.0  # half as fast
@@ -220,13 +244,27 @@ async def test_a_request_waits_for_the_busy_backend_holding_its_long_prefix() ->
     release_all(made)
 
 
+async def test_a_wait_predicted_longer_than_the_patience_cap_is_not_begun() -> None:
+    made = balancer(1, 1, patience_max_s=3.0)
+    shape = prompt(1, 200)  # 25.6 s of prefill anywhere else: waiting would save a lot
+    holder = submit(made, prompt(3, 1))
+    home = granted(holder)
+    assert home is not None
+    made.backend(home).service_s = 10.0  # but its one slot frees only in about 10 s
+    seed(made, home, shape)
+    entry = submit(made, shape)
+    assert entry.state is WaiterState.DONE, "patience would run out first: it takes the free slot now"
+    assert granted(entry) != home
+    release_all(made)
+
+
 async def test_patience_ends_and_a_free_slot_elsewhere_serves_the_request() -> None:
     made = balancer(1, 1, patience_max_s=0.2)
     shape = prompt(1, 200)
     holder = submit(made, prompt(3, 1))
     home = granted(holder)
     assert home is not None
-    made.backend(home).service_s = 0.5
+    made.backend(home).service_s = 0.1  # predicted to free within the patience; it never does
     seed(made, home, shape)
     entry = submit(made, shape)
     assert entry.state is WaiterState.PARKED
