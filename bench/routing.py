@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import math
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -62,9 +63,20 @@ class Cell:
     """The balancer's own view (ours only): affinity outcomes, expected vs actual cache share."""
 
 
+def salted(messages: list[dict[str, Any]], salt: str) -> list[dict[str, Any]]:
+    """The messages with a cell's salt in front: every cell replays the same prompts, and real
+    servers (``--backends``) are not restarted between cells, so without it a strategy would find
+    the prompts the strategy before it sent still cached (in slots, or llama-server's RAM cache).
+    Within a cell every prompt starts with the same salt, so the reuse a cell can find is unchanged."""
+    first = dict(messages[0])
+    first["content"] = f"[{salt}] {first['content']}"
+    return [first, *messages[1:]]
+
+
 async def replay(workload: Workload, strategy: Strategy, args: argparse.Namespace) -> tuple[list[Record], float, float]:
     """Send the workload's requests; return the records, the start time and the oracle's cache
     share over the requests that completed."""
+    salt = secrets.token_hex(4)
     loop = asyncio.get_running_loop()
     started = loop.time()
     window = args.duration / args.speedup
@@ -76,7 +88,7 @@ async def replay(workload: Workload, strategy: Strategy, args: argparse.Namespac
     async def send(conversation: Conversation, turn: int) -> None:
         nonlocal in_flight
         body = {
-            "model": args.model, "messages": conversation.turns[turn],
+            "model": args.model, "messages": salted(conversation.turns[turn], salt),
             "max_tokens": conversation.max_tokens[turn], "stream": True,
             "stream_options": {"include_usage": True}, "seed": turn,
         }  # fmt: skip

@@ -47,3 +47,14 @@ def test_routing_benchmark_runs(tmp_path: Path) -> None:
     assert all(c["completed"] > 0 for c in cells)
     assert cells[1]["balancer"]["cached_share"] >= 0  # our own view is reported beside the clients'
     assert (tmp_path / "routing-agent.png").stat().st_size > 1000
+
+
+def test_each_routing_cell_salts_its_prompts_so_no_cell_finds_another_cells_cache() -> None:
+    from bench.routing import salted
+
+    turn = [{"role": "system", "content": "You are a coding agent."}, {"role": "user", "content": "go"}]
+    first, second = salted(turn, "0a1b"), salted(turn, "9f8e")
+    assert first[0]["content"] == "[0a1b] You are a coding agent."
+    assert first[1:] == turn[1:]
+    assert first[0]["content"] != second[0]["content"]
+    assert turn[0]["content"] == "You are a coding agent.", "the workload itself is not changed"
