@@ -134,19 +134,14 @@ class SimulatedLlamaServer:
             try:
                 await self._text_tool(path, body, send, origin)
             except (AttributeError, TypeError) as exc:
-                # llama-server's handlers throw on a body of the wrong shape; its wrapper answers 500.
-                await send_json(
-                    send, 500, error_body(500, f"[json.exception.type_error] {exc}", "server_error"), origin
-                )
+                await _send_type_error(send, exc, origin)
         elif method == "POST" and path == "/v1/chat/completions/input_tokens":
             parsed = parse_json(body)
             messages = parsed.get("messages", []) if isinstance(parsed, dict) else []
             try:
                 count = len(tokenize(render_chat(messages))) if isinstance(messages, list) else 0
             except (AttributeError, TypeError) as exc:
-                await send_json(
-                    send, 500, error_body(500, f"[json.exception.type_error] {exc}", "server_error"), origin
-                )
+                await _send_type_error(send, exc, origin)
                 return
             await send_json(send, 200, {"input_tokens": count, "object": "response.input_tokens"}, origin)
         elif method == "POST" and path in ("/v1/embeddings", "/embeddings"):
@@ -417,3 +412,8 @@ class SimulatedLlamaServer:
             return
         release()
         await send({"type": "http.response.body", "body": events.final(), "more_body": False})
+
+
+async def _send_type_error(send: Send, exc: Exception, origin: bytes) -> None:
+    """llama-server's handlers throw on a body of the wrong shape; its wrapper answers 500."""
+    await send_json(send, 500, error_body(500, f"[json.exception.type_error] {exc}", "server_error"), origin)
