@@ -104,13 +104,15 @@ class BalancerConfig(BaseSettings):
     """Size of the prompt blocks whose chained hashes the prefix index keeps (UTF-8 bytes, ~128 tokens)."""
     prefix_max_blocks: int = Field(default=2048, ge=1)
     """Blocks hashed per request at most: past this, a longer match would not change a decision."""
-    prefill_backlog_s: float | None = Field(default=None, gt=0)
-    """Off by default. With it, a backend with a free slot takes a new request only while the
-    prompts it is processing would take less than this (``affinity`` policy). In our benchmark it
-    made TTFT predictions exact under overload and raised throughput with shared prefixes, but
-    cost agent sessions cache hits (requests waiting for a gated backend ran out of patience)."""
-    patience_max_s: float = Field(default=3.0, ge=0)
-    """Longest a request waits for the busy backend that holds its prefix before any free slot serves it."""
+    prefill_backlog_s: float | None = Field(default=1.0, gt=0)
+    """A backend with a free slot takes a new request only while the prompts it is processing would
+    take less than this (``affinity`` policy; None: off). Under load requests then wait here, where a
+    slot that frees picks the request its cache serves best, instead of inside llama-server, where
+    every slot would fill with cold prompts and overwrite the cached ones."""
+    patience_max_s: float = Field(default=8.0, ge=0)
+    """Longest a request waits for the busy backend that holds its prefix before any free slot serves
+    it. The cost model decides whether to wait at all; this only bounds it. A request waiting for a
+    running request with its prefix waits about that request's time to finish (seconds under load)."""
     ram_cache_tokens: int = Field(default=65_536, ge=0)
     """Prompt tokens a backend keeps in its RAM prompt cache (llama-server ``--cache-ram``; 8 GiB
     holds about 65k tokens of an 8B model), on top of slots x context."""

@@ -84,6 +84,7 @@ class Lease:
         "first_byte_at",
         "last_activity",
         "loads_model",
+        "new_copy",
         "on_first_byte",
         "phase",
         "predicted_prefill_s",
@@ -114,6 +115,8 @@ class Lease:
         """The prompt's block hashes: its slot holds them once the response is finished."""
         self.end: tuple[int, bytes] | None = None
         """The prompt's end mark (see ``PromptShape.end``)."""
+        self.new_copy = True
+        """It found no free slot holding its prompt's beginning there: it fills another slot."""
         self.shared_member: str | None = None
         """Its id in Redis while shared mode admitted it (see ``SharedFleet``)."""
         self.refused = False

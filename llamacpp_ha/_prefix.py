@@ -9,6 +9,11 @@ Blocks are inserted deepest first, so a prompt's first block is always more rece
 later ones: eviction removes the tail of a prompt before its head, and the blocks a backend
 holds of one prompt are always a prefix of it. That makes the longest match a binary search.
 
+llama-server caches one prompt per slot, and a running request's slot is not shared: two
+requests with the same beginning at once need two slots holding it. The index counts the
+*copies* of each prompt beginning a backend holds (a request that found none free was processed
+into a new slot), so the scheduler can tell a copy it may use from one a running request holds.
+
 Past its last full block a prompt ends in a partial block no block hash covers; its end mark
 (see ``PromptShape.end``) is kept beside the blocks, so the next turn of a conversation shorter
 than a few blocks still finds the backend holding the turn before.
@@ -23,17 +28,23 @@ __all__ = ["PrefixIndex"]
 
 _SHRINK = 0.8
 _GROW = 1.02
+_FLOOR = 0.25
+"""Misses shrink what a backend is believed to hold to this share of its ceiling, not below: a miss
+also comes from a slot overwritten before we came back, and a belief shrunk below one prompt per
+slot forgets every prompt and finds nothing again."""
 _ENDS_PER_BLOCK = 0.25
 """End marks kept per block of capacity: one per prompt of four blocks or more."""
 
 
 class _BackendBlocks:
-    __slots__ = ("blocks", "ceiling", "ends", "limit")
+    __slots__ = ("blocks", "ceiling", "copies", "ends", "limit")
 
     def __init__(self, ceiling: int) -> None:
         self.blocks: OrderedDict[bytes, None] = OrderedDict()
         self.ends: OrderedDict[bytes, int] = OrderedDict()
         """End marks of the prompts it served, with their positions in bytes."""
+        self.copies: dict[bytes, int] = {}
+        """First block -> how many slots hold a prompt beginning with it."""
         self.ceiling = ceiling
         """What the backend can hold, from its slots and context."""
         self.limit = float(ceiling)
@@ -108,14 +119,24 @@ class PrefixIndex:
                 found.update(self._holders.get(mark, ()))
         return found
 
+    def copies(self, backend: str, first_block: bytes) -> int:
+        """How many slots of the backend are believed to hold a prompt beginning with this block."""
+        entry = self._backends.get(backend)
+        return entry.copies.get(first_block, 0) if entry is not None else 0
+
     def holders(self, block: bytes) -> set[str]:
         """Backends holding this block (and so the whole prompt up to its end)."""
         return self._holders.get(block, set())
 
-    def insert(self, backend: str, blocks: Sequence[bytes], end: tuple[int, bytes] | None = None) -> None:
-        """The backend now holds this prompt (it was just sent there)."""
+    def insert(
+        self, backend: str, blocks: Sequence[bytes], end: tuple[int, bytes] | None = None, *, new_copy: bool = True
+    ) -> None:
+        """The backend now holds this prompt (it was just served there); ``new_copy``: in a slot
+        that did not hold its beginning before (it found no free copy there)."""
         entry = self._entry(backend)
         held = entry.blocks
+        if blocks and (new_copy or blocks[0] not in held):
+            entry.copies[blocks[0]] = entry.copies.get(blocks[0], 0) + 1
         for block in reversed(blocks):
             if block in held:
                 held.move_to_end(block)
@@ -135,7 +156,7 @@ class PrefixIndex:
         """Correct the belief with what a response reported (``timings.cache_n`` in blocks)."""
         entry = self._entry(backend)
         if expected_blocks >= 2 and actual_blocks < expected_blocks // 2:
-            entry.limit = max(16.0, entry.limit * _SHRINK)
+            entry.limit = max(16.0, entry.ceiling * _FLOOR, entry.limit * _SHRINK)
             self._evict(backend, entry)
         elif actual_blocks >= expected_blocks:
             entry.limit = min(float(entry.ceiling), entry.limit * _GROW)
@@ -149,12 +170,14 @@ class PrefixIndex:
             self._drop_holder(block, backend)
         entry.blocks.clear()
         entry.ends.clear()
+        entry.copies.clear()
         entry.limit = float(entry.ceiling)
 
     def _evict(self, backend: str, entry: _BackendBlocks) -> None:
         held = entry.blocks
         while len(held) > entry.limit:
             block, _ = held.popitem(last=False)
+            entry.copies.pop(block, None)
             self._drop_holder(block, backend)
         ends = entry.ends
         while len(ends) > max(16.0, entry.limit * _ENDS_PER_BLOCK):

@@ -150,9 +150,9 @@ class WaitQueue:
         self._parked_count: dict[str, int] = {}
         self._patience: list[tuple[float, int, Waiter]] = []
         self._behind: dict[int, list[Waiter]] = {}
+        """Parked waiters that wait for one running request to finish (its slot holds their prefix)."""
         self._unclocked: list[Waiter] = []
         """Parked while no slot was free anywhere: their patience starts once a slot is free unused."""
-        """Parked waiters that wait for one running request to finish (its slot holds their prefix)."""
         self._seq = itertools.count()
         self._pushes = itertools.count()
         self._waiting = 0
@@ -233,6 +233,15 @@ class WaitQueue:
             self._unclocked.append(waiter)
         else:
             heapq.heappush(self._patience, (until, waiter.seq, waiter))
+
+    def wait_behind(self, waiter: Waiter, request: int) -> None:
+        """The best parked waiter of its backend (just returned by :meth:`best_parked`) waits for a
+        running request to finish first, its patience clock unchanged."""
+        assert waiter.parked_on is not None
+        parked = self._parked[waiter.parked_on]
+        assert parked[0][2] is waiter
+        heapq.heappop(parked)
+        self._behind.setdefault(request, []).append(waiter)
 
     def start_patience(self, until: float) -> None:
         """Slots are free and unused: waiters parked while nothing was free start counting now."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,10 +69,10 @@ def _shared_bytes(prompt: PromptShape, lease: Lease, block_bytes: int) -> int:
 class SchedulerSettings:
     cost_aware: bool = True
     """Route by predicted time to first token and let slots pick their waiters (the ``affinity`` policy)."""
-    prefill_backlog_s: float | None = None
+    prefill_backlog_s: float | None = 1.0
     """A backend takes new requests only while its queued prefill is shorter than this (None: off)."""
     block_bytes: int = 512
-    patience_max_s: float = 3.0
+    patience_max_s: float = 8.0
     ram_cache_tokens: int = 0
 
 
@@ -135,6 +136,8 @@ class Scheduler:
         self._homes: dict[bytes, Backend] = {}
         """First block -> home backend (see :meth:`_home`)."""
         self._with_free_slots: set[Backend] = set()
+        self._routable = sum(1 for backend in backends if backend.routable)
+        """Backends that take requests, as of the last poll (they share the queue's waiters)."""
         for position, backend in enumerate(backends):
             self._watch(backend, position)
         self.model_loaded: Callable[[Backend], None] | None = None
@@ -144,6 +147,9 @@ class Scheduler:
         """Moving average of how long granted requests waited."""
         self.alarm = Alarm(self.dispatch)
         """Dispatches again when a patience ends or a prompt is surely processed (run by the poller)."""
+        self._gated_until: dict[Backend, float] = {}
+        """Backends closed by their prefill backlog, until the first time it can shrink unannounced."""
+        self._reopen: list[tuple[float, int, Backend]] = []
         self._wakes: list[float] = []
         """When running prompts are surely processed (their backends may take requests again)."""
 
@@ -164,6 +170,7 @@ class Scheduler:
 
     def backends_changed(self) -> None:
         """A poll finished: forget the caches of restarted backends, resize the index, dispatch."""
+        self._routable = sum(1 for backend in self._backends if backend.routable)
         for backend in self._backends:
             if backend.generation != self._generations[backend.name]:
                 self._generations[backend.name] = backend.generation
@@ -189,7 +196,16 @@ class Scheduler:
         queue.end_patience(now)
         # Built once per call and kept up to date as slots are granted: a dispatch after one
         # released slot costs one pass over the backends, not one per loop turn.
-        free = sorted((backend for backend in self._with_free_slots if self._accepting(backend, now)), key=_by_position)
+        self._reopen_gated(now)
+        free = []
+        for backend in list(self._with_free_slots):
+            if self._accepting(backend, now):
+                free.append(backend)
+            else:
+                # Closed by its prefill backlog: out of the set until it reopens, so a dispatch over
+                # a large fleet under load looks only at the backends that can take a request.
+                self._with_free_slots.discard(backend)
+        free.sort(key=_by_position)
         if free and self.settings.cost_aware:
             # Waiters past their patience first, then the parked ones, then arrival order.
             self._serve_in_order(free, now, overdue_only=True)
@@ -208,6 +224,11 @@ class Scheduler:
                 waiter = self._queue.best_parked(backend.name)
                 if waiter is None or not self._fits(waiter, backend):
                     break
+                user = self._copy_user(waiter, backend)
+                if user is not None:
+                    # A request granted a moment ago took the copy it waited for: wait for that one.
+                    self._queue.wait_behind(waiter, id(user))
+                    continue
                 self._queue.take(waiter)
                 self._grant(waiter, backend, now)
                 if not self._accepting(backend, now):
@@ -245,8 +266,30 @@ class Scheduler:
         instead of sharing its compute with a dozen cold prompts inside llama-server."""
         if self.settings.prefill_backlog_s is None or not self.settings.cost_aware or not backend.leases:
             return True
+        if now < self._gated_until.get(backend, 0.0):
+            return False
         backlog_s = backend.pending_prefill(now) / self.cost.prefill_rate(backend)
-        return backlog_s < self.settings.prefill_backlog_s
+        if backlog_s < self.settings.prefill_backlog_s:
+            return True
+        # Its backlog shrinks only when a prompt is processed (a first byte), a request ends, or a
+        # prompt's processing deadline passes: it stays closed until the first of those.
+        until = min((lease.prefill_deadline for lease in backend.leases if lease.prefilling(now)), default=now)
+        self._gated_until[backend] = until
+        heapq.heappush(self._reopen, (until, backend.position, backend))
+        return False
+
+    def _reopen_gated(self, now: float) -> None:
+        """Backends whose backlog closed them until a processing deadline that has passed."""
+        reopen = self._reopen
+        while reopen and reopen[0][0] <= now:
+            _, _, backend = heapq.heappop(reopen)
+            if self._gated_until.get(backend, math.inf) <= now:
+                self._open(backend)
+
+    def _open(self, backend: Backend) -> None:
+        """A closed backend's backlog may have shrunk: it is looked at again."""
+        if self._gated_until.pop(backend, None) is not None and backend.free > 0:
+            self._with_free_slots.add(backend)
 
     def _overdue(self, waiter: Waiter, now: float) -> bool:
         """Waited ``patience_max_s`` longer than requests typically wait now: it goes first.
@@ -313,11 +356,12 @@ class Scheduler:
         holders = self.index.holders(blocks[0]) if blocks and held_bytes is None else set()
         tokens_per_char = self.cost.tokens_per_char(waiter.model)
         prompt_tokens = max(1.0, prompt.chars * tokens_per_char)
+        queued_per_backend = len(self._queue) / max(1, self._routable)
         options = []
         for backend in backends:
             if held_bytes is not None:
                 held, matched = held_bytes, held_bytes // block_bytes
-            elif backend.name in holders:
+            elif backend.name in holders and self._copy_free(backend, blocks[0]):
                 matched = self.index.match(backend.name, blocks)
                 held = self.index.held_bytes(backend.name, prompt.marks, matched, block_bytes)
             else:
@@ -326,11 +370,30 @@ class Scheduler:
             pending, prefilling = backend.prefill_work(now)
             prefill_s = self.cost.prefill_s(backend, uncached, now, pending=pending)
             # llama-server batches the prompts it processes: this one's uncached tokens also delay
-            # each prompt already prefilling there. Under load that is what a cold prefill really
-            # costs the fleet, and what a cache hit saves.
-            score = prefill_s + (_OWN_WORK_AGAIN + prefilling) * uncached / self.cost.prefill_rate(backend)
+            # each prompt already prefilling there, and each request waiting here for a slot goes
+            # after them (a backend's share of our queue). Under load that is what a cold prefill
+            # really costs the fleet, and what a cache hit saves.
+            delayed = _OWN_WORK_AGAIN + prefilling + queued_per_backend
+            score = prefill_s + delayed * uncached / self.cost.prefill_rate(backend)
             options.append(_Option(backend, matched, held, uncached, prefill_s, score))
         return options
+
+    def _copy_free(self, backend: Backend, first_block: bytes) -> bool:
+        """Whether a slot of the backend that holds this prompt beginning is not serving a request.
+
+        llama-server caches per slot: a running request that reused the copy holds it until it ends,
+        and a second request with the same beginning sent there meanwhile fills another slot."""
+        running = self._running.get(first_block, ())
+        users = sum(1 for lease in running if lease.backend is backend and not lease.new_copy)
+        return self.index.copies(backend.name, first_block) > users
+
+    def _copy_user(self, waiter: Waiter, backend: Backend) -> Lease | None:
+        """A running request on the backend using the only copies of the waiter's prompt beginning."""
+        blocks = waiter.prompt.blocks
+        if not blocks or not self.index.copies(backend.name, blocks[0]) or self._copy_free(backend, blocks[0]):
+            return None
+        users = (lease for lease in self._running.get(blocks[0], ()) if lease.backend is backend and not lease.new_copy)
+        return max(users, key=lambda lease: lease.acquired_at, default=None)
 
     def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | None:
         """The free backend to grant now, or None when the waiter was parked for a busy one."""
@@ -470,8 +533,9 @@ class Scheduler:
         blocks = waiter.prompt.blocks
         tokens_per_char = self.cost.tokens_per_char(waiter.model)
         prompt_tokens = max(1.0, waiter.prompt.chars * tokens_per_char)
-        matched = self.index.match(backend.name, blocks)
+        matched = self.index.match(backend.name, blocks) if blocks and self._copy_free(backend, blocks[0]) else 0
         held = self.index.held_bytes(backend.name, waiter.prompt.marks, matched, self.settings.block_bytes)
+        lease.new_copy = matched == 0
         lease.prompt_chars = waiter.prompt.chars
         lease.prompt_tokens = prompt_tokens
         lease.expected_cached_tokens = min(prompt_tokens - 1, held * tokens_per_char)
@@ -491,7 +555,7 @@ class Scheduler:
         if lease.loads_model:
             lease.on_first_byte = functools.partial(self._model_loaded, backend)
         elif self.settings.cost_aware:
-            lease.on_first_byte = self._prefill_done
+            lease.on_first_byte = functools.partial(self._prefill_done, backend)
         if self.settings.cost_aware:
             self._wake_at(lease.prefill_deadline)
         backend.in_flight += weight
@@ -521,6 +585,7 @@ class Scheduler:
         backend = lease.backend
         self.leases.discard(lease)
         backend.leases.discard(lease)
+        self._open(backend)
         backend.in_flight -= lease.weight
         assert backend.in_flight >= 0, "a lease was released twice"
         if self.shared is not None:
@@ -535,9 +600,9 @@ class Scheduler:
         if lease.blocks:
             self._forget_running(lease)
             # The slot that served it now holds its prompt, and can serve what shares it.
-            self.index.insert(backend.name, lease.blocks, lease.end)
+            self.index.insert(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy)
             if self.shared is not None:
-                self.shared.indexed(backend.name, lease.blocks, lease.end)
+                self.shared.indexed(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy)
         self._learn(lease)
         self.dispatch()
 
@@ -585,10 +650,11 @@ class Scheduler:
         """The request that loaded a router's model got its first byte: read the model's slots now."""
         if self.model_loaded is not None:
             self.model_loaded(backend)
-        self._prefill_done()
+        self._prefill_done(backend)
 
-    def _prefill_done(self) -> None:
+    def _prefill_done(self, backend: Backend) -> None:
         """A backend finished a prompt: it may take the next request."""
+        self._open(backend)
         if len(self._queue):
             self.dispatch()
 

@@ -326,9 +326,13 @@ class SharedFleet:
         if self._held.pop(member, None) is not None and self.state == "shared":
             self._send("release", (lease.backend.name, member))
 
-    def indexed(self, backend: str, blocks: tuple[bytes, ...], end: tuple[int, bytes] | None) -> None:
+    def indexed(
+        self, backend: str, blocks: tuple[bytes, ...], end: tuple[int, bytes] | None, *, new_copy: bool = True
+    ) -> None:
         if self.state == "shared":
-            message: dict[str, Any] = {"k": "index", "b": backend, "blocks": [block.hex() for block in blocks]}
+            message: dict[str, Any] = {
+                "k": "index", "b": backend, "blocks": [block.hex() for block in blocks], "c": new_copy,
+            }  # fmt: skip
             if end is not None:
                 message["end"] = [end[0], end[1].hex()]
             self._send("publish", message)
@@ -455,7 +459,8 @@ class SharedFleet:
         elif kind == "index":
             end = event.get("end")
             blocks = tuple(bytes.fromhex(block) for block in event.get("blocks", ()))
-            self._index.insert(backend.name, blocks, (int(end[0]), bytes.fromhex(end[1])) if end else None)
+            mark = (int(end[0]), bytes.fromhex(end[1])) if end else None
+            self._index.insert(backend.name, blocks, mark, new_copy=bool(event.get("c", True)))
         elif kind == "pin":
             self._affinity.set(str(event["p"]), backend.name)
 

@@ -116,6 +116,35 @@ def test_a_restart_empties_a_backends_index_and_misses_shrink_it() -> None:
     assert index.limit("a") == 100
 
 
+def test_misses_never_shrink_the_belief_below_a_quarter_of_the_ceiling() -> None:
+    # Under load many misses come from slots overwritten before we came back; a belief shrunk to a
+    # few blocks would forget every prompt (it did: 16 blocks of a 10,000-block ceiling).
+    index = PrefixIndex()
+    index.set_ceiling("a", 1000)
+    for _ in range(50):
+        index.observe("a", expected_blocks=40, actual_blocks=0)
+    assert index.limit("a") == 250
+    index.insert("a", blocks(1, 200))
+    assert index.match("a", blocks(1, 200)) == 200
+
+
+def test_copies_of_a_prompt_beginning_are_counted_per_slot() -> None:
+    index = PrefixIndex()
+    index.set_ceiling("a", 1000)
+    index.insert("a", blocks(1, 10))
+    index.insert("a", blocks(1, 12), new_copy=False)  # the next turn, in the same slot
+    assert index.copies("a", blocks(1, 1)[0]) == 1
+    index.insert("a", blocks(1, 11))  # sent while that slot was busy: another slot holds it too
+    assert index.copies("a", blocks(1, 1)[0]) == 2
+    assert index.copies("b", blocks(1, 1)[0]) == 0
+    index.set_ceiling("a", 16)  # the prompt's first block is evicted with the rest of it
+    index.insert("a", blocks(2, 16))
+    assert index.copies("a", blocks(1, 1)[0]) == 0
+    assert index.copies("a", blocks(2, 1)[0]) == 1
+    index.clear("a")
+    assert index.copies("a", blocks(2, 1)[0]) == 0
+
+
 def test_timings_are_read_from_the_tail_of_a_body() -> None:
     tail = b'data: {"choices":[],"timings":{"cache_n":51,"prompt_n":1,"prompt_ms":1.224,"predicted_n":12}}\n\n'
     assert Timings.find(tail) == Timings(51, 1, 1.224, predicted_n=12)
@@ -202,6 +231,29 @@ async def test_a_cold_prompt_is_priced_with_the_prompts_it_delays() -> None:
     release_all(made)
 
 
+@pytest.mark.parametrize(("queued", "chosen"), [(0, "b0"), (10, "b1")])
+async def test_requests_waiting_here_make_a_cold_prefill_cost_more(queued: int, chosen: str) -> None:
+    # b1 holds the prompt behind 4 s of other prefill; b0 is idle and would process it in 1 s. Alone,
+    # b0 answers sooner. With ten requests waiting here for the fleet, five per backend go after
+    # whatever it processes: its second of cold prefill costs them five seconds, and b1 wins.
+    made = balancer(4, 4)
+    shape = prompt(1, 8)  # 1,049 tokens, 1,024 of them cached on b1
+    seed(made, "b1", shape)
+    b1 = made.backend("b1")
+    backlog = Lease(b1, lambda lease: None)
+    backlog.uncached_tokens, backlog.predicted_prefill_s = 4_000.0, 60.0
+    b1.leases.add(backlog)
+    others = [Waiter(made.queue.next_seq(), "unserved", Grant(), time.monotonic()) for _ in range(queued)]
+    for other in others:
+        made.queue.push(other)
+    entry = submit(made, shape)
+    assert granted(entry) == chosen
+    b1.leases.discard(backlog)
+    for other in others:
+        made.queue.forget(other)
+    release_all(made)
+
+
 async def test_a_heterogeneous_fleet_sends_new_prompts_to_the_faster_backend() -> None:
     made = balancer(2, 2)
     made.backend("b0").prefill_rate = 500.0  # half as fast
@@ -255,6 +307,68 @@ async def test_a_wait_predicted_longer_than_the_patience_cap_is_not_begun() -> N
     entry = submit(made, shape)
     assert entry.state is WaiterState.DONE, "patience would run out first: it takes the free slot now"
     assert granted(entry) != home
+    release_all(made)
+
+
+async def test_a_copy_in_use_is_not_a_cache_hit_the_request_waits_for_it() -> None:
+    # llama-server caches per slot: while one request with the prefix runs in the slot holding it,
+    # a second one sent there fills another slot and processes it all. It waits for the first.
+    made = balancer(4, 4, patience_max_s=20.0)
+    shape = prompt(1, 40)  # 5,145 tokens, 5,120 of them cached on b1
+    seed(made, "b1", shape)
+    first = submit(made, shape)
+    assert granted(first) == "b1"
+    assert first.grant.result().expected_cached_tokens == 5_120
+    second = submit(made, prompt(1, 41))  # the same beginning, while the first runs
+    assert second.state is WaiterState.PARKED, "b1's only copy is in use: it waits for the first"
+    assert second.parked_on == "b1"
+    first.grant.result().release()
+    assert granted(second) == "b1"
+    lease = second.grant.result()
+    assert lease.expected_cached_tokens == 5_120
+    assert not lease.new_copy
+    release_all(made)
+
+
+async def test_without_patience_a_second_request_for_a_busy_copy_is_cold() -> None:
+    made = balancer(4, 4, patience_max_s=0.0)
+    shape = prompt(1, 40)
+    seed(made, "b1", shape)
+    first = submit(made, shape)
+    second = submit(made, shape)
+    assert granted(first) == "b1"
+    assert second.grant.done()
+    lease = second.grant.result()
+    assert lease.expected_cached_tokens == 0, "b1's copy is in use: it is priced cold everywhere"
+    assert lease.new_copy
+    release_all(made)
+    # Each slot that processed it holds it now: two requests with it at once both hit.
+    copies = {name: made.scheduler.index.copies(name, shape.blocks[0]) for name in ("b0", "b1")}
+    assert sum(copies.values()) == 2
+    assert copies["b1"] >= 1
+
+
+async def test_two_requests_parked_for_one_copy_are_served_one_after_the_other() -> None:
+    made = balancer(2, 1, patience_max_s=60.0)
+    made.backend("b0").service_s = 0.5
+    fillers = [submit(made, prompt(10 + i, 1)) for i in range(3)]  # both backends full
+    assert sorted(granted(f) or "" for f in fillers) == ["b0", "b0", "b1"]
+    shape = prompt(1, 200)  # 25,600 tokens: b0 holds it once
+    seed(made, "b0", shape)
+    waiting = [submit(made, shape) for _ in range(2)]
+    for entry in waiting:
+        made.scheduler.queued(entry)  # what the balancer does when a request finds no free slot
+    assert [w.parked_on for w in waiting] == ["b0", "b0"]
+    on_b0 = [f.grant.result() for f in fillers if granted(f) == "b0"]
+    on_b0[0].release()
+    first = next(w for w in waiting if w.grant.done())
+    assert first.grant.result().expected_cached_tokens > 25_000
+    on_b0[1].release()  # a second slot frees, but the copy is in use: the other waits for it
+    second = next(w for w in waiting if w is not first)
+    assert second.state is WaiterState.PARKED
+    first.grant.result().release()
+    assert granted(second) == "b0"
+    assert second.grant.result().expected_cached_tokens > 25_000
     release_all(made)
 
 
