@@ -3,6 +3,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -136,8 +137,6 @@ class Scheduler:
         self._homes: dict[bytes, Backend] = {}
         """First block -> home backend (see :meth:`_home`)."""
         self._with_free_slots: set[Backend] = set()
-        self._routable = sum(1 for backend in backends if backend.routable)
-        """Backends that take requests, as of the last poll (they share the queue's waiters)."""
         for position, backend in enumerate(backends):
             self._watch(backend, position)
         self.model_loaded: Callable[[Backend], None] | None = None
@@ -150,6 +149,7 @@ class Scheduler:
         self._gated_until: dict[Backend, float] = {}
         """Backends closed by their prefill backlog, until the first time it can shrink unannounced."""
         self._reopen: list[tuple[float, int, Backend]] = []
+        self._closings = itertools.count()
         self._wakes: list[float] = []
         """When running prompts are surely processed (their backends may take requests again)."""
 
@@ -170,7 +170,6 @@ class Scheduler:
 
     def backends_changed(self) -> None:
         """A poll finished: forget the caches of restarted backends, resize the index, dispatch."""
-        self._routable = sum(1 for backend in self._backends if backend.routable)
         for backend in self._backends:
             if backend.generation != self._generations[backend.name]:
                 self._generations[backend.name] = backend.generation
@@ -275,7 +274,7 @@ class Scheduler:
         # prompt's processing deadline passes: it stays closed until the first of those.
         until = min((lease.prefill_deadline for lease in backend.leases if lease.prefilling(now)), default=now)
         self._gated_until[backend] = until
-        heapq.heappush(self._reopen, (until, backend.position, backend))
+        heapq.heappush(self._reopen, (until, next(self._closings), backend))
         return False
 
     def _reopen_gated(self, now: float) -> None:
@@ -356,7 +355,7 @@ class Scheduler:
         holders = self.index.holders(blocks[0]) if blocks and held_bytes is None else set()
         tokens_per_char = self.cost.tokens_per_char(waiter.model)
         prompt_tokens = max(1.0, prompt.chars * tokens_per_char)
-        queued_per_backend = len(self._queue) / max(1, self._routable)
+        queued_per_backend = len(self._queue) / max(1, len(self._backends))
         options = []
         for backend in backends:
             if held_bytes is not None:

@@ -276,6 +276,22 @@ async def test_a_backend_busy_prefilling_takes_no_new_request_until_its_backlog_
     release_all(made)
 
 
+async def test_a_backend_closed_twice_until_the_same_deadline_stays_closed_then_reopens() -> None:
+    made = balancer(8, prefill_backlog_s=6.0)
+    done = submit(made, prompt(9, 4))
+    done.grant.result().touch()  # answering already: no prefill left
+    short = submit(made, prompt(1, 4))  # 0.6 s of prefill: the earliest deadline
+    long = submit(made, prompt(2, 60))  # 7.7 s: the backlog is past 6 s
+    assert granted(short) == granted(long) == "b0"
+    waiting = submit(made, prompt(3, 4))
+    assert not waiting.grant.done()
+    done.grant.result().release()  # reopens it; still past its backlog, closed until the same deadline
+    assert not waiting.grant.done()
+    long.grant.result().touch()  # its prompt is processed: the backlog is short again
+    assert granted(waiting) == "b0"
+    release_all(made)
+
+
 # -- bounded patience ------------------------------------------------------------------------
 
 
