@@ -60,6 +60,18 @@ def enqueue(balancer: Balancer, count: int, rng: random.Random) -> None:
         balancer.queue.push(waiter)
 
 
+def answering(balancer: Balancer, before: set[Lease]) -> list[Lease]:
+    """The leases granted since ``before``, with their prompts processed (a first byte each): a full
+    fleet is decoding, not prefilling, so no backend is closed by its prefill backlog
+    (``prefill_backlog_s``) when a slot frees. A first byte may grant more: those too."""
+    granted: list[Lease] = []
+    while fresh := balancer.scheduler.leases - before - set(granted):
+        for lease in fresh:
+            granted.append(lease)
+            lease.touch()
+    return granted
+
+
 def decision_times(balancer: Balancer, decisions: int, rng: random.Random) -> list[float]:
     leases: list[Lease] = list(balancer.scheduler.leases)
     times = []
@@ -69,7 +81,7 @@ def decision_times(balancer: Balancer, decisions: int, rng: random.Random) -> li
         started = time.perf_counter()
         lease.release()  # gives the slot back and grants it to the oldest waiter
         times.append(time.perf_counter() - started)
-        leases += list(balancer.scheduler.leases - before)
+        leases += answering(balancer, before)
     return times
 
 
@@ -78,6 +90,7 @@ async def measure(backends: int, waiting: int, decisions: int) -> dict[str, floa
     balancer = fleet(backends)
     enqueue(balancer, backends * SLOTS, rng)  # fills every slot
     balancer.scheduler.dispatch()
+    answering(balancer, set())
     enqueue(balancer, waiting + decisions, rng)
     times = decision_times(balancer, decisions, rng)
     # A release may grant nothing (its waiters are parked elsewhere) or more than one (a slot left

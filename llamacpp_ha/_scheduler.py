@@ -37,6 +37,9 @@ _HOME_MARGIN = 0.25
 """How much more a prompt's home backend may cost than the best before it goes elsewhere."""
 _HOMES_CACHED = 65_536
 """Prompt beginnings whose home backend is remembered; the cache starts over past this."""
+_MAX_PRICED = 16
+"""With more free backends than this, a decision prices the ones holding the prompt and this many
+of the least loaded others, not all of them."""
 _TIE_S = 0.005
 _TIE_SHARE = 0.05
 """Predictions this close (5 ms, or 5%) are equal: then the least busy backend wins."""
@@ -44,6 +47,10 @@ _TIE_SHARE = 0.05
 
 def _by_position(backend: Backend) -> int:
     return backend.position
+
+
+def _by_load(backend: Backend) -> tuple[float, int]:
+    return backend.load, backend.position
 
 
 def _shared_blocks(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
@@ -238,11 +245,17 @@ class Scheduler:
     def _serve_in_order(self, free: list[Backend], now: float, *, overdue_only: bool = False) -> None:
         """Heads in arrival order take the free slots; ``overdue_only`` stops at the first patient head."""
         queue = self._queue
+        least_loaded: list[Backend] | None = None
         while free and len(queue):
             for waiter in queue.heads():
                 if overdue_only and not self._overdue(waiter, now):
                     return
-                candidates = [b for b in free if self._eligible(waiter, b)]
+                if self.settings.cost_aware and len(free) > _MAX_PRICED:
+                    if least_loaded is None:
+                        least_loaded = sorted(free, key=_by_load, reverse=True)
+                    candidates = self._shortlist(waiter, least_loaded, now)
+                else:
+                    candidates = [b for b in free if self._eligible(waiter, b)]
                 if not candidates:
                     continue
                 if self.settings.cost_aware:
@@ -258,6 +271,45 @@ class Scheduler:
                 break
             else:
                 return
+
+    def _shortlist(self, waiter: Waiter, least_loaded: list[Backend], now: float) -> list[Backend]:
+        """The free backends worth pricing when hundreds are free: those holding the prompt's
+        beginning or its end marks, its pinned and home backends, and the least loaded others.
+
+        Pricing every free backend for every waiter costs O(free) each, and a long queue of
+        requests that choose to wait for their prefixes would price them all once per waiter."""
+        shortlist: dict[Backend, None] = {}
+
+        def consider(backend: Backend | None) -> None:
+            if (
+                backend is not None and backend not in shortlist and backend.free > 0
+                and self._accepting(backend, now) and self._eligible(waiter, backend)
+            ):  # fmt: skip
+                shortlist[backend] = None
+
+        prompt = waiter.prompt
+        if prompt.blocks:
+            holding = self.index.holders(prompt.blocks[0]) | self.index.end_holders(prompt.marks, 0)
+            for name in itertools.islice(holding, _MAX_PRICED):
+                consider(self._by_name.get(name))
+            consider(self._home_of(prompt.blocks[0]))
+        if waiter.pin is not None:
+            pinned = self._affinity.get(waiter.pin)
+            consider(self._by_name.get(pinned) if pinned is not None else None)
+        # Least loaded last. Those a grant filled or closed since are dropped for good as they are
+        # met; the ones this waiter may not use (another model, excluded) are put back.
+        kept: list[Backend] = []
+        found = 0
+        while least_loaded and found < _MAX_PRICED:
+            backend = least_loaded.pop()
+            if backend.free == 0 or not self._accepting(backend, now):
+                continue
+            kept.append(backend)
+            if backend not in shortlist and self._eligible(waiter, backend):
+                shortlist[backend] = None
+                found += 1
+        least_loaded.extend(reversed(kept))
+        return sorted(shortlist, key=_by_position)
 
     def _accepting(self, backend: Backend, now: float) -> bool:
         """A free slot is not idle compute: a backend busy prefilling takes no new request until its

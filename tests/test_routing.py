@@ -292,6 +292,34 @@ async def test_a_backend_closed_twice_until_the_same_deadline_stays_closed_then_
     release_all(made)
 
 
+async def test_with_many_backends_free_the_one_holding_the_prompt_is_still_priced() -> None:
+    # Past 16 free backends a decision prices the holders and the 16 least loaded, not all.
+    made = balancer(*[4] * 24)
+    holder = made.backend("b23")
+    running = Lease(holder, lambda lease: None)  # the holder is the most loaded backend
+    holder.leases.add(running)
+    holder.in_flight += 1
+    shape = prompt(1, 40)
+    seed(made, "b23", shape)
+    entry = submit(made, shape)
+    assert granted(entry) == "b23"
+    assert entry.grant.result().affinity == "hit"
+    holder.leases.discard(running)
+    holder.in_flight -= 1
+    release_all(made)
+
+
+async def test_with_many_backends_free_a_model_served_by_one_of_them_finds_it() -> None:
+    made = balancer(*[4] * 24)
+    only = made.backend("b23")
+    only.set_models(("other.gguf",))
+    entry = Waiter(made.queue.next_seq(), "other", Grant(), time.monotonic(), prompt=prompt(1, 4))
+    made.queue.push(entry)
+    made.scheduler.dispatch()
+    assert granted(entry) == "b23"
+    release_all(made)
+
+
 # -- bounded patience ------------------------------------------------------------------------
 
 
