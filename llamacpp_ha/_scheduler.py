@@ -429,21 +429,26 @@ class Scheduler:
             options.append(_Option(backend, matched, held, uncached, prefill_s, score))
         return options
 
-    def _copy_free(self, backend: Backend, first_block: bytes) -> bool:
-        """Whether a slot of the backend that holds this prompt beginning is not serving a request.
-
-        llama-server caches per slot: a running request that reused the copy holds it until it ends,
-        and a second request with the same beginning sent there meanwhile fills another slot."""
+    def _copy_users(self, backend: Backend, first_block: bytes) -> list[Lease]:
+        """Running requests on the backend that reused a copy of this prompt beginning: llama-server
+        caches per slot, so each holds its copy until it ends, and a second request with the same
+        beginning sent there meanwhile fills another slot."""
         running = self._running.get(first_block, ())
-        users = sum(1 for lease in running if lease.backend is backend and not lease.new_copy)
-        return self.index.copies(backend.name, first_block) > users
+        return [lease for lease in running if lease.backend is backend and not lease.new_copy]
+
+    def _copy_free(self, backend: Backend, first_block: bytes) -> bool:
+        """Whether a slot of the backend that holds this prompt beginning is not serving a request."""
+        return self.index.copies(backend.name, first_block) > len(self._copy_users(backend, first_block))
 
     def _copy_user(self, waiter: Waiter, backend: Backend) -> Lease | None:
-        """A running request on the backend using the only copies of the waiter's prompt beginning."""
+        """The latest running request on the backend using the last free copy of the waiter's prompt beginning."""
         blocks = waiter.prompt.blocks
-        if not blocks or not self.index.copies(backend.name, blocks[0]) or self._copy_free(backend, blocks[0]):
+        if not blocks:
             return None
-        users = (lease for lease in self._running.get(blocks[0], ()) if lease.backend is backend and not lease.new_copy)
+        copies = self.index.copies(backend.name, blocks[0])
+        users = self._copy_users(backend, blocks[0])
+        if not copies or copies > len(users):
+            return None
         return max(users, key=lambda lease: lease.acquired_at, default=None)
 
     def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | None:

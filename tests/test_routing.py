@@ -76,6 +76,14 @@ def release_all(made: Balancer) -> None:
     assert len(made.queue) == 0
 
 
+def prefilling(made: Balancer, backend: str, tokens: float) -> Lease:
+    """Another client's prompt of ``tokens`` uncached tokens, still being processed there (60 s left)."""
+    lease = Lease(made.backend(backend), lambda lease: None)
+    lease.uncached_tokens, lease.predicted_prefill_s = tokens, 60.0
+    made.backend(backend).leases.add(lease)
+    return lease
+
+
 def seed(made: Balancer, backend: str, shape: PromptShape) -> None:
     made.scheduler.index.insert(backend, shape.blocks)
 
@@ -196,14 +204,11 @@ async def test_a_free_backend_wins_when_the_one_with_the_prefix_is_buried_in_pre
     shape = prompt(1, 8)  # 1,049 tokens, 1,024 of them cached on b1
     seed(made, "b1", shape)
     # Other clients' long cold prompts are prefilling on b1: 60,000 tokens at 1,000 tokens/s.
-    b1 = made.backend("b1")
-    prefilling = Lease(b1, lambda lease: None)
-    prefilling.uncached_tokens, prefilling.predicted_prefill_s = 60_000.0, 60.0
-    b1.leases.add(prefilling)
+    other = prefilling(made, "b1", 60_000.0)
     entry = submit(made, shape)
     assert granted(entry) == "b0"
     assert entry.grant.result().affinity == "miss"
-    b1.leases.discard(prefilling)
+    other.backend.leases.discard(other)
     release_all(made)
 
 
@@ -215,18 +220,11 @@ async def test_a_cold_prompt_is_priced_with_the_prompts_it_delays() -> None:
     made = balancer(8, 8)
     shape = prompt(1, 40)  # 5,145 tokens, 5,120 of them cached on b1
     seed(made, "b1", shape)
-    prefilling = []
-    for name, tokens in (("b0", 1_000.0), ("b1", 5_000.0)):
-        backend = made.backend(name)
-        for _ in range(4):
-            lease = Lease(backend, lambda lease: None)
-            lease.uncached_tokens, lease.predicted_prefill_s = tokens, 60.0
-            backend.leases.add(lease)
-            prefilling.append(lease)
+    others = [prefilling(made, name, tokens) for name, tokens in (("b0", 1_000.0), ("b1", 5_000.0)) for _ in range(4)]
     entry = submit(made, shape)
     assert granted(entry) == "b1"
     assert entry.grant.result().affinity == "hit"
-    for lease in prefilling:
+    for lease in others:
         lease.backend.leases.discard(lease)
     release_all(made)
 
@@ -239,16 +237,13 @@ async def test_requests_waiting_here_make_a_cold_prefill_cost_more(queued: int, 
     made = balancer(4, 4)
     shape = prompt(1, 8)  # 1,049 tokens, 1,024 of them cached on b1
     seed(made, "b1", shape)
-    b1 = made.backend("b1")
-    backlog = Lease(b1, lambda lease: None)
-    backlog.uncached_tokens, backlog.predicted_prefill_s = 4_000.0, 60.0
-    b1.leases.add(backlog)
+    backlog = prefilling(made, "b1", 4_000.0)
     others = [Waiter(made.queue.next_seq(), "unserved", Grant(), time.monotonic()) for _ in range(queued)]
     for other in others:
         made.queue.push(other)
     entry = submit(made, shape)
     assert granted(entry) == chosen
-    b1.leases.discard(backlog)
+    backlog.backend.leases.discard(backlog)
     for other in others:
         made.queue.forget(other)
     release_all(made)
