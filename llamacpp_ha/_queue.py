@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import KeysView
 from enum import Enum
 
 import anyio
@@ -291,6 +292,11 @@ class WaitQueue:
         waiter.state = WaiterState.QUEUED
         self._enqueue(waiter)
 
+    def parked_backends(self) -> KeysView[str]:
+        """The backends some waiter may be parked for (each has one live waiter or more, or entries
+        still to drop)."""
+        return self._parked.keys()
+
     def best_parked(self, backend: str) -> Waiter | None:
         """The live waiter parked for ``backend`` that saves the most there."""
         queue = self._parked.get(backend)
@@ -299,6 +305,8 @@ class WaitQueue:
             if waiter.parked_on == backend and self._live(waiter, WaiterState.PARKED):
                 return waiter
             heapq.heappop(queue)
+        if queue is not None:
+            del self._parked[backend]
         return None
 
     def _live(self, waiter: Waiter, state: WaiterState = WaiterState.QUEUED) -> bool:
@@ -341,7 +349,10 @@ class WaitQueue:
         for backend, parked in list(self._parked.items()):
             kept = [e for e in parked if e[2].state is WaiterState.PARKED and e[2].parked_on == backend]
             heapq.heapify(kept)
-            self._parked[backend] = kept
+            if kept:
+                self._parked[backend] = kept
+            else:
+                del self._parked[backend]
         self._patience = [e for e in self._patience if e[2].state is WaiterState.PARKED]
         heapq.heapify(self._patience)
         self._retries = [w for w in self._retries if w.state is WaiterState.QUEUED]

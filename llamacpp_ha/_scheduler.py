@@ -155,6 +155,9 @@ class Scheduler:
         """Dispatches again when a patience ends or a prompt is surely processed (run by the poller)."""
         self._gated_until: dict[Backend, float] = {}
         """Backends closed by their prefill backlog, until the first time it can shrink unannounced."""
+        self._seen_open: set[Backend] = set()
+        """Backends whose backlog let them take a request when last looked at, and that were granted
+        nothing since: a backlog only shrinks with time, so they still do."""
         self._reopen: list[tuple[float, int, Backend]] = []
         self._closings = itertools.count()
         self._wakes: list[float] = []
@@ -204,14 +207,19 @@ class Scheduler:
         # released slot costs one pass over the backends, not one per loop turn.
         self._reopen_gated(now)
         free = []
-        for backend in list(self._with_free_slots):
-            if self._accepting(backend, now):
+        closed = []
+        seen_open = self._seen_open
+        for backend in self._with_free_slots:
+            if backend in seen_open or self._accepting(backend, now):
                 free.append(backend)
             else:
-                # Closed by its prefill backlog: out of the set until it reopens, so a dispatch over
-                # a large fleet under load looks only at the backends that can take a request.
-                self._with_free_slots.discard(backend)
-        free.sort(key=_by_position)
+                closed.append(backend)
+        # Closed by their prefill backlog: out of the set until they reopen, so a dispatch over a
+        # large fleet under load looks only at the backends that can take a request.
+        self._with_free_slots.difference_update(closed)
+        if len(free) <= _MAX_PRICED or not self.settings.cost_aware:
+            free.sort(key=_by_position)
+        # (With more free, each waiter prices a shortlist, sorted when it is made.)
         if free and self.settings.cost_aware:
             # Waiters past their patience first, then the parked ones, then arrival order.
             self._serve_in_order(free, now, overdue_only=True)
@@ -225,7 +233,15 @@ class Scheduler:
 
     def _serve_parked(self, free: list[Backend], now: float) -> None:
         """Each free slot first picks, among the waiters parked for its backend, the best saving."""
-        for backend in list(free):
+        parked_on = self._queue.parked_backends()
+        if len(parked_on) < len(free):
+            # Hundreds free, a few with waiters parked for them: look at those only.
+            free_now = set(free)
+            serving = [b for b in map(self._by_name.get, parked_on) if b is not None and b in free_now]
+            serving.sort(key=_by_position)
+        else:
+            serving = list(free)
+        for backend in serving:
             while backend.free > 0:
                 waiter = self._queue.best_parked(backend.name)
                 if waiter is None or not self._fits(waiter, backend):
@@ -255,7 +271,7 @@ class Scheduler:
                         least_loaded = sorted(free, key=_by_load, reverse=True)
                     candidates = self._shortlist(waiter, least_loaded, now)
                 else:
-                    candidates = [b for b in free if self._eligible(waiter, b)]
+                    candidates = sorted((b for b in free if self._eligible(waiter, b)), key=_by_position)
                 if not candidates:
                     continue
                 if self.settings.cost_aware:
@@ -317,10 +333,13 @@ class Scheduler:
         instead of sharing its compute with a dozen cold prompts inside llama-server."""
         if self.settings.prefill_backlog_s is None or not self.settings.cost_aware or not backend.leases:
             return True
+        if backend in self._seen_open:
+            return True
         if now < self._gated_until.get(backend, 0.0):
             return False
         backlog_s = backend.pending_prefill(now) / self.cost.prefill_rate(backend)
         if backlog_s < self.settings.prefill_backlog_s:
+            self._seen_open.add(backend)
             return True
         # Its backlog shrinks only when a prompt is processed (a first byte), a request ends, or a
         # prompt's processing deadline passes: it stays closed until the first of those.
@@ -614,6 +633,7 @@ class Scheduler:
             lease.on_first_byte = functools.partial(self._prefill_done, backend)
         if self.settings.cost_aware:
             self._wake_at(lease.prefill_deadline)
+        self._seen_open.discard(backend)
         backend.in_flight += weight
         backend.requests += 1
         backend.leases.add(lease)
@@ -641,6 +661,7 @@ class Scheduler:
         backend = lease.backend
         self.leases.discard(lease)
         backend.leases.discard(lease)
+        self._seen_open.discard(backend)  # its prefill rate is learned again below
         self._open(backend)
         backend.in_flight -= lease.weight
         assert backend.in_flight >= 0, "a lease was released twice"

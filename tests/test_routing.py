@@ -335,6 +335,22 @@ async def test_a_request_waits_for_the_busy_backend_holding_its_long_prefix() ->
     release_all(made)
 
 
+async def test_with_many_backends_free_a_freed_slot_still_picks_the_request_parked_for_it() -> None:
+    # With more backends free than have parked requests, a dispatch looks only at the latter.
+    made = balancer(*[4] * 23, 1)
+    fillers = [submit(made, prompt(100 + i, 1)) for i in range(24)]  # a slot of each backend
+    holder = next(f for f in fillers if granted(f) == "b23")
+    made.backend("b23").service_s = 0.5
+    shape = prompt(1, 200)  # 25,600 tokens: 25.6 s of prefill on any of the 23 free backends
+    seed(made, "b23", shape)
+    entry = submit(made, shape)
+    assert entry.parked_on == "b23"
+    holder.grant.result().release()
+    assert granted(entry) == "b23"
+    assert entry.grant.result().affinity == "hit"
+    release_all(made)
+
+
 async def test_a_wait_predicted_longer_than_the_patience_cap_is_not_begun() -> None:
     made = balancer(1, 1, patience_max_s=3.0)
     shape = prompt(1, 200)  # 25.6 s of prefill anywhere else: waiting would save a lot
