@@ -90,7 +90,7 @@ class Waiter:
         "patience_spent",
         "pin",
         "prompt",
-        "saving_s",
+        "saved_bytes",
         "seq",
         "state",
     )
@@ -118,8 +118,9 @@ class Waiter:
         self.deadline = deadline
         self.state = WaiterState.QUEUED
         self.parked_on: str | None = None
-        self.saving_s = 0.0
-        """Predicted prefill time saved by waiting for ``parked_on``."""
+        self.saved_bytes = 0
+        """Prompt bytes it finds cached on ``parked_on``: a freed slot there serves the
+        waiter that saves the most first, then the oldest."""
         self.patience_spent = False
         """It waited for a busy backend once already: from now on it is served in arrival order."""
 
@@ -210,7 +211,7 @@ class WaitQueue:
             self._retries.remove(waiter)
 
     def park(
-        self, waiter: Waiter, backend: str, saving_s: float, until: float | None, *, behind: int | None = None
+        self, waiter: Waiter, backend: str, saved_bytes: int, until: float | None, *, behind: int | None = None
     ) -> None:
         """A waiter waits for ``backend`` until ``until`` at the latest (None: until a slot elsewhere
         is free and unused, see :meth:`start_patience`).
@@ -224,9 +225,9 @@ class WaitQueue:
             self._retries.remove(waiter)
         waiter.state = WaiterState.PARKED
         waiter.parked_on = backend
-        waiter.saving_s = saving_s
+        waiter.saved_bytes = saved_bytes
         if behind is None:
-            heapq.heappush(self._parked.setdefault(backend, []), (-saving_s, waiter.seq, waiter))
+            heapq.heappush(self._parked.setdefault(backend, []), (-saved_bytes, waiter.seq, waiter))
         else:
             self._behind.setdefault(behind, []).append(waiter)
         self._parked_count[backend] = self._parked_count.get(backend, 0) + 1
@@ -259,7 +260,7 @@ class WaitQueue:
         """A running request finished: the waiters behind it now wait for a slot of its backend."""
         for waiter in self._behind.pop(request, ()):
             if waiter.state is WaiterState.PARKED and waiter.parked_on is not None:
-                heapq.heappush(self._parked.setdefault(waiter.parked_on, []), (-waiter.saving_s, waiter.seq, waiter))
+                heapq.heappush(self._parked.setdefault(waiter.parked_on, []), (-waiter.saved_bytes, waiter.seq, waiter))
 
     def parked_count(self, backend: str) -> int:
         return self._parked_count.get(backend, 0)
@@ -298,7 +299,11 @@ class WaitQueue:
         return self._parked.keys()
 
     def best_parked(self, backend: str) -> Waiter | None:
-        """The live waiter parked for ``backend`` that saves the most there."""
+        """The live waiter parked for ``backend`` that saves the most there, the oldest of equals.
+
+        Saved bytes, not seconds: requests waiting for one prompt's copy save the same, and the
+        oldest, whose patience ends first, goes first (seconds, priced at different moments, would
+        order them by how long the queue was when each arrived)."""
         queue = self._parked.get(backend)
         while queue:
             waiter = queue[0][2]

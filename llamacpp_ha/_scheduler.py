@@ -409,10 +409,10 @@ class Scheduler:
         plan = self._best_wait(waiter, baseline, now)
         if plan is None:
             return
-        held, behind, saving_s = plan
+        held, behind, _ = plan
         # No clock yet: waiting costs it nothing while no slot is free anywhere. Its patience
         # starts when a slot it could have had stays free (see dispatch).
-        self._queue.park(waiter, held.backend.name, saving_s, None, behind=behind)
+        self._queue.park(waiter, held.backend.name, held.held_bytes, None, behind=behind)
 
     # -- the cost decision ------------------------------------------------------------------
 
@@ -487,7 +487,7 @@ class Scheduler:
             target = self._busy_target(waiter, pinned)
             if patient and target is not None:
                 until = min(now + self.settings.patience_max_s, waiter.deadline)
-                self._queue.park(waiter, pinned, self.settings.patience_max_s, until)
+                self._queue.park(waiter, pinned, waiter.prompt.chars, until)  # its conversation is cached there
                 return None
             return best.backend
         if not patient or not waiter.prompt.blocks:
@@ -497,7 +497,7 @@ class Scheduler:
             return best.backend
         held, behind, saving_s = plan
         until = min(now + saving_s, now + self.settings.patience_max_s, waiter.deadline)
-        self._queue.park(waiter, held.backend.name, saving_s, until, behind=behind)
+        self._queue.park(waiter, held.backend.name, held.held_bytes, until, behind=behind)
         return None
 
     def _best_wait(self, waiter: Waiter, best: _Option, now: float) -> tuple[_Option, int | None, float] | None:

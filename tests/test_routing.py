@@ -70,8 +70,9 @@ def granted(entry: Waiter) -> str | None:
 
 
 def release_all(made: Balancer) -> None:
-    for lease in list(made.scheduler.leases):
-        lease.release()
+    for _ in range(100):  # a release grants the next waiter a slot: release those too
+        for lease in list(made.scheduler.leases):
+            lease.release()
     assert [b.in_flight for b in made.backends] == [0] * len(made.backends)
     assert len(made.queue) == 0
 
@@ -424,6 +425,27 @@ async def test_two_requests_parked_for_one_copy_are_served_one_after_the_other()
     first.grant.result().release()
     assert granted(second) == "b0"
     assert second.grant.result().expected_cached_tokens > 25_000
+    release_all(made)
+
+
+async def test_of_requests_parked_for_one_copy_the_oldest_goes_first() -> None:
+    # Both save the same prompt; the younger was priced while a longer queue waited behind it, so
+    # its saving in seconds looks larger. The older one, whose patience ends first, goes first.
+    made = balancer(2, 1, patience_max_s=60.0)
+    made.backend("b0").service_s = 0.5
+    fillers = [submit(made, prompt(10 + i, 1)) for i in range(3)]  # both backends full
+    shape = prompt(1, 200)
+    seed(made, "b0", shape)
+    older = submit(made, shape)
+    made.scheduler.queued(older)
+    others = [submit(made, prompt(20 + i, 4)) for i in range(10)]  # cached nowhere: in arrival order
+    younger = submit(made, shape)
+    made.scheduler.queued(younger)
+    assert [older.parked_on, younger.parked_on] == ["b0", "b0"]
+    next(f for f in fillers if granted(f) == "b0").grant.result().release()
+    assert granted(older) == "b0"
+    assert younger.state is WaiterState.PARKED
+    assert not any(entry.grant.done() for entry in others)
     release_all(made)
 
 
