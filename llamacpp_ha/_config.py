@@ -108,7 +108,8 @@ class BalancerConfig(BaseSettings):
     """A backend with a free slot takes a new request only while the prompts it is processing would
     take less than this (``affinity`` policy; None: off). Under load requests then wait here, where a
     slot that frees picks the request its cache serves best, instead of inside llama-server, where
-    every slot would fill with cold prompts and overwrite the cached ones."""
+    every slot would fill with cold prompts and overwrite the cached ones. A request whose own
+    uncached prefill takes a tenth of this or less is not held back."""
     patience_max_s: float = Field(default=8.0, ge=0)
     """Longest a request waits for the busy backend that holds its prefix before any free slot serves
     it. The cost model decides whether to wait at all; this only bounds it. A request waiting for a

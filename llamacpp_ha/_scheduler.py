@@ -40,6 +40,9 @@ _HOMES_CACHED = 65_536
 _MAX_PRICED = 16
 """With more free backends than this, a decision prices the ones holding the prompt and this many
 of the least loaded others, not all of them."""
+_SHORT_SHARE = 0.1
+"""A request whose uncached prefill takes at most this share of ``prefill_backlog_s`` is not held
+back by a backend's backlog."""
 _TIE_S = 0.005
 _TIE_SHARE = 0.05
 """Predictions this close (5 ms, or 5%) are equal: then the least busy backend wins."""
@@ -395,13 +398,14 @@ class Scheduler:
         )
 
     def queued(self, waiter: Waiter) -> None:
-        """A new request found no free slot: if a full backend holds its prefix, it waits for that
-        backend rather than for whichever slot frees first (then a freed slot there picks it)."""
-        if not self.settings.cost_aware or waiter.state is not WaiterState.QUEUED or not waiter.prompt.blocks:
-            return
-        if waiter.excluded or waiter.pin is not None:
+        """A new request found no free slot: a short one may go where a backlog closed the slots
+        (see :meth:`_squeeze_in`); if a full backend holds its prefix, it waits for that backend
+        rather than for whichever slot frees first (then a freed slot there picks it)."""
+        if not self.settings.cost_aware or waiter.state is not WaiterState.QUEUED:
             return
         now = time.monotonic()
+        if self._squeeze_in(waiter, now) or not waiter.prompt.blocks or waiter.excluded or waiter.pin is not None:
+            return
         cold = self._options(waiter, [b for b in self._backends if b.routable], now, held_bytes=0)
         if not cold:
             return
@@ -413,6 +417,28 @@ class Scheduler:
         # No clock yet: waiting costs it nothing while no slot is free anywhere. Its patience
         # starts when a slot it could have had stays free (see dispatch).
         self._queue.park(waiter, held.backend.name, held.held_bytes, None, behind=behind)
+
+    def _squeeze_in(self, waiter: Waiter, now: float) -> bool:
+        """A request whose uncached prefill is short goes to a backend its backlog closed, if one has
+        a free slot: llama-server processes it in the same batches as the long prompts there, and
+        it waits a fraction of what they take instead of all of it (a long trace prompt doubled
+        the median time to first token at half load). It delays those prompts by its own length."""
+        limit = self.settings.prefill_backlog_s
+        if limit is None or not self._gated_until:
+            return False
+        closed = [b for b in self._gated_until if b.free > 0 and self._eligible(waiter, b)]
+        if not closed:
+            return False
+        options = [
+            o for o in self._options(waiter, closed, now)
+            if o.uncached_tokens / self.cost.prefill_rate(o.backend) <= _SHORT_SHARE * limit
+        ]  # fmt: skip
+        if not options:
+            return False
+        chosen = self._cheapest(options).backend
+        self._queue.take(waiter)
+        self._grant(waiter, chosen, now)
+        return True
 
     # -- the cost decision ------------------------------------------------------------------
 

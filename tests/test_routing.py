@@ -272,6 +272,20 @@ async def test_a_backend_busy_prefilling_takes_no_new_request_until_its_backlog_
     release_all(made)
 
 
+async def test_a_short_request_is_not_held_back_by_a_backlog_of_long_prompts() -> None:
+    made = balancer(4, 4, prefill_backlog_s=0.5)
+    long = [submit(made, prompt(i, 40)) for i in range(2)]  # 5 s of prefill on each backend
+    assert sorted(granted(e) or "" for e in long) == ["b0", "b1"]
+    medium = submit(made, prompt(8, 4))  # 537 tokens: 0.54 s, longer than a tenth of the backlog limit
+    made.scheduler.queued(medium)  # what the balancer does when a request finds no free slot
+    short = submit(made, PromptShape((), 120, 1))  # 30 tokens: 30 ms, processed beside the long ones
+    made.scheduler.queued(short)
+    assert granted(short) in ("b0", "b1")
+    assert short.grant.result().expected_cached_tokens == 0
+    assert not medium.grant.done()
+    release_all(made)
+
+
 async def test_a_backend_closed_twice_until_the_same_deadline_stays_closed_then_reopens() -> None:
     made = balancer(8, prefill_backlog_s=6.0)
     done = submit(made, prompt(9, 4))
