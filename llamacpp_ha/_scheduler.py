@@ -228,6 +228,8 @@ class Scheduler:
             self._serve_in_order(free, now, overdue_only=True)
             if free:
                 self._serve_parked(free, now)
+        if self._gated_until and self.settings.cost_aware:
+            self._serve_parked_short(now)
         if free:
             self._serve_in_order(free, now)
         if free and self._queue.unclocked:
@@ -260,6 +262,37 @@ class Scheduler:
                     break
             if backend.free == 0 or not self._accepting(backend, now):
                 free.remove(backend)
+
+    def _serve_parked_short(self, now: float) -> None:
+        """A backend its backlog closed still serves a waiter parked for it whose uncached prefill
+        is short (see :meth:`_squeeze_in`): typically a request that waited for a running one with
+        its prompt, and now finds all of it cached but the question."""
+        parked_on = self._queue.parked_backends()
+        if len(parked_on) < len(self._gated_until):
+            closed = [b for b in map(self._by_name.get, parked_on) if b is not None and b in self._gated_until]
+        else:
+            closed = [b for b in self._gated_until if b.name in parked_on]
+        closed.sort(key=_by_position)
+        for backend in closed:
+            while backend.free > 0:
+                waiter = self._queue.best_parked(backend.name)
+                if waiter is None or not self._fits(waiter, backend):
+                    break
+                user = self._copy_user(waiter, backend)
+                if user is not None:
+                    self._queue.wait_behind(waiter, id(user))
+                    continue
+                if not self._short(self._options(waiter, [backend], now)[0]):
+                    break
+                self._queue.take(waiter)
+                self._grant(waiter, backend, now)
+
+    def _short(self, option: _Option) -> bool:
+        limit = self.settings.prefill_backlog_s
+        return (
+            limit is not None
+            and option.uncached_tokens / self.cost.prefill_rate(option.backend) <= _SHORT_SHARE * limit
+        )
 
     def _serve_in_order(self, free: list[Backend], now: float, *, overdue_only: bool = False) -> None:
         """Heads in arrival order take the free slots; ``overdue_only`` stops at the first patient head."""
@@ -429,10 +462,7 @@ class Scheduler:
         closed = [b for b in self._gated_until if b.free > 0 and self._eligible(waiter, b)]
         if not closed:
             return False
-        options = [
-            o for o in self._options(waiter, closed, now)
-            if o.uncached_tokens / self.cost.prefill_rate(o.backend) <= _SHORT_SHARE * limit
-        ]  # fmt: skip
+        options = [option for option in self._options(waiter, closed, now) if self._short(option)]
         if not options:
             return False
         chosen = self._cheapest(options).backend

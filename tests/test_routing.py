@@ -286,6 +286,24 @@ async def test_a_short_request_is_not_held_back_by_a_backlog_of_long_prompts() -
     release_all(made)
 
 
+async def test_a_request_that_waited_for_its_copy_is_not_held_back_by_a_backlog() -> None:
+    made = balancer(4, 4, patience_max_s=20.0, prefill_backlog_s=2.0)
+    shape = prompt(1, 40)
+    seed(made, "b0", shape)
+    first = submit(made, shape)
+    assert granted(first) == "b0"
+    other = prefilling(made, "b0", 5_000)  # another client's 5 s prompt closes b0 to new requests
+    made.backend("b0").service_s = 1.0  # the first ends soon
+    second = submit(made, prompt(1, 41))  # the same beginning while the first runs: it waits for it
+    assert second.parked_on == "b0"
+    first.grant.result().release()
+    # b0 is still closed, but all of the second's prompt is cached there but 153 tokens (0.15 s).
+    assert granted(second) == "b0"
+    assert second.grant.result().expected_cached_tokens == 5_120
+    made.backend("b0").leases.discard(other)
+    release_all(made)
+
+
 async def test_a_backend_closed_twice_until_the_same_deadline_stays_closed_then_reopens() -> None:
     made = balancer(8, prefill_backlog_s=6.0)
     done = submit(made, prompt(9, 4))
