@@ -247,19 +247,7 @@ class Scheduler:
         else:
             serving = list(free)
         for backend in serving:
-            while backend.free > 0:
-                waiter = self._queue.best_parked(backend.name)
-                if waiter is None or not self._fits(waiter, backend):
-                    break
-                user = self._copy_user(waiter, backend)
-                if user is not None:
-                    # A request granted a moment ago took the copy it waited for: wait for that one.
-                    self._queue.wait_behind(waiter, id(user))
-                    continue
-                self._queue.take(waiter)
-                self._grant(waiter, backend, now)
-                if not self._accepting(backend, now):
-                    break
+            self._serve_parked_on(backend, now, closed=False)
             if backend.free == 0 or not self._accepting(backend, now):
                 free.remove(backend)
 
@@ -274,20 +262,29 @@ class Scheduler:
             closed = [b for b in self._gated_until if b.name in parked_on]
         closed.sort(key=_by_position)
         for backend in closed:
-            while backend.free > 0:
-                waiter = self._queue.best_parked(backend.name)
-                if waiter is None or not self._fits(waiter, backend):
-                    break
-                user = self._copy_user(waiter, backend)
-                if user is not None:
-                    self._queue.wait_behind(waiter, id(user))
-                    continue
-                if not self._short(self._options(waiter, [backend], now)[0]):
-                    break
-                self._queue.take(waiter)
-                self._grant(waiter, backend, now)
+            self._serve_parked_on(backend, now, closed=True)
+
+    def _serve_parked_on(self, backend: Backend, now: float, *, closed: bool) -> None:
+        """Grant the backend's free slots to its parked waiters, best saving first, while it accepts
+        them (``closed``: while their uncached prefill is short)."""
+        while backend.free > 0:
+            waiter = self._queue.best_parked(backend.name)
+            if waiter is None or not self._fits(waiter, backend):
+                return
+            user = self._copy_user(waiter, backend)
+            if user is not None:
+                # A request granted a moment ago took the copy it waited for: wait for that one.
+                self._queue.wait_behind(waiter, id(user))
+                continue
+            if closed and not self._short(self._options(waiter, [backend], now)[0]):
+                return
+            self._queue.take(waiter)
+            self._grant(waiter, backend, now)
+            if not closed and not self._accepting(backend, now):
+                return
 
     def _short(self, option: _Option) -> bool:
+        """Whether the uncached part of a prompt is short enough to pass a closed backend's gate."""
         limit = self.settings.prefill_backlog_s
         return (
             limit is not None
