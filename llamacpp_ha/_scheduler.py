@@ -465,6 +465,7 @@ class Scheduler:
         chosen = self._cheapest(options).backend
         self._queue.take(waiter)
         self._grant(waiter, chosen, now)
+        self._arm_timer()  # its prompt's processing deadline may be the next time to dispatch
         return True
 
     # -- the cost decision ------------------------------------------------------------------
