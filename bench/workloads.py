@@ -1,8 +1,9 @@
 """The routing benchmark's workloads: agent sessions, shared prefixes, a production trace, no reuse.
 
 Each workload is fixed by a seed, so every strategy sees exactly the same requests. Prompts are
-made of distinct words, and the simulated llama-server counts one token per word, so prompt
-lengths below are tokens. Times are real seconds on the simulated GPU (``gpu-8b`` profile).
+made of words from :mod:`bench.vocabulary`, each one token for the simulated llama-server and for
+the real one's tokenizer, so prompt lengths below are tokens on both. Times are real seconds on
+the simulated GPU (``gpu-8b`` profile).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .vocabulary import words
 
 __all__ = ["SPEEDS", "TRACE", "WORKLOADS", "Conversation", "Fleet", "Speed", "Workload", "make_workload"]
 
@@ -49,10 +52,6 @@ SPEEDS = {
     "gpu-8b": Speed((3.0, 0.041, 7.8e-7), 185.0, stalled_token_s=0.120),
     "cpu-200m": Speed((0.0, 1000 / 360, 0.0), 51.0),
 }
-
-
-def _words(tag: str, count: int) -> str:
-    return " ".join(f"{tag}{i}" for i in range(count))
 
 
 @dataclass
@@ -147,8 +146,8 @@ def agent_sessions(load: float, duration_s: float, fleet: Fleet) -> Workload:
     def session(index: int) -> Conversation:
         tag = f"s{index}x"
         messages: list[dict[str, Any]] = [
-            {"role": "system", "content": "You are a coding agent. " + _words(tag + "sys", t(2000))},
-            {"role": "user", "content": _words(tag + "task", t(500))},
+            {"role": "system", "content": "You are a coding agent. " + words(tag + "sys", t(2000))},
+            {"role": "user", "content": words(tag + "task", t(500))},
         ]
         target = t(rng.randint(30_000, 60_000))
         size = t(2000) + t(500)
@@ -160,10 +159,10 @@ def agent_sessions(load: float, duration_s: float, fleet: Fleet) -> Workload:
             reusable.append(previous)
             think.append(rng.uniform(1.0, 4.0))
             previous = size
-            call = f"call tool {index} {len(turns)} " + _words(tag + f"c{len(turns)}x", 30)
+            call = f"call tool {index} {len(turns)} " + words(tag + f"c{len(turns)}x", 30)
             result = t(rng.randint(1_000, 4_000))
             messages.append({"role": "assistant", "content": call})
-            messages.append({"role": "user", "content": _words(tag + f"t{len(turns)}x", result)})
+            messages.append({"role": "user", "content": words(tag + f"t{len(turns)}x", result)})
             size += 34 + result
         return Conversation(0.0, turns, think, [output] * len(turns), tokens, reusable)
 
@@ -185,7 +184,7 @@ def shared_prefixes(load: float, duration_s: float, fleet: Fleet) -> Workload:
     """150 system prompts of ~6k tokens, 5 questions of ~1.2k tokens each, shuffled together."""
     rng = random.Random(fleet.seed)
     output = 64
-    systems = [_words(f"p{i}x", fleet.tokens(rng.randint(5_000, 7_000))) for i in range(150)]
+    systems = [words(f"p{i}x", fleet.tokens(rng.randint(5_000, 7_000))) for i in range(150)]
     conversations = []
     seen: set[int] = set()
     order = [(p, q) for p in range(150) for q in range(5)]
@@ -197,7 +196,7 @@ def shared_prefixes(load: float, duration_s: float, fleet: Fleet) -> Workload:
         seen.add(p)
         messages = [
             {"role": "system", "content": systems[p]},
-            {"role": "user", "content": _words(f"p{p}q{q}x", question)},
+            {"role": "user", "content": words(f"p{p}q{q}x", question)},
         ]
         conversations.append(Conversation(0.0, [messages], [0.0], [output], [size], [reusable]))
     shapes = [(c.prompt_tokens[0], c.reusable_tokens[0], output) for c in conversations]
@@ -239,7 +238,7 @@ def production_trace(load: float, duration_s: float, fleet: Fleet) -> Workload:
         ids = row["hash_ids"]
         block = fleet.tokens(512)
         last = total - block * (len(ids) - 1)
-        text = " ".join(_words(f"h{h}x", block if i < len(ids) - 1 else max(1, last)) for i, h in enumerate(ids))
+        text = " ".join(words(f"h{h}x", block if i < len(ids) - 1 else max(1, last)) for i, h in enumerate(ids))
         messages = [{"role": "user", "content": text}]
         conversations.append(Conversation(start, [messages], [0.0], [output], [total], [reusable]))
     workload = Workload("trace", conversations)
@@ -259,7 +258,7 @@ def no_reuse(load: float, duration_s: float, fleet: Fleet) -> Workload:
         clock += rng.expovariate(load * capacity)
         if clock > duration_s:
             break
-        messages = [{"role": "user", "content": _words(f"r{i}x", size)}]
+        messages = [{"role": "user", "content": words(f"r{i}x", size)}]
         conversations.append(Conversation(clock, [messages], [0.0], [output], [size], [0]))
     workload = Workload("no_reuse", conversations)
     workload.notes.update(capacity_per_s=capacity, offered_per_s=load * capacity)

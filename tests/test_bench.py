@@ -58,3 +58,15 @@ def test_each_routing_cell_salts_its_prompts_so_no_cell_finds_another_cells_cach
     assert first[1:] == turn[1:]
     assert first[0]["content"] != second[0]["content"]
     assert turn[0]["content"] == "You are a coding agent.", "the workload itself is not changed"
+
+
+def test_benchmark_filler_is_one_simulator_token_a_word_and_deterministic_by_prefix() -> None:
+    from bench.vocabulary import words
+    from llamacpp_ha.sim._text import tokenize
+
+    text = words("p3x", 600)
+    assert len(tokenize(text)) == 600, "prompt lengths in the workloads are counted in words"
+    assert len(text.encode()) > 600 * 5, "several 512-byte prefix blocks even for a short prompt"
+    assert words("p3x", 600) == text
+    assert text.startswith(words("p3x", 200) + " "), "a shorter run of one tag is its prefix (trace blocks)"
+    assert words("p4x", 600)[:512] != text[:512], "another tag shares no first block"
