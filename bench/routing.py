@@ -183,7 +183,9 @@ async def run_cell(workload: Workload, load: float, name: str, args: argparse.Na
         fleet = None if args.backends else stack.enter_context(simulated_fleet(args, slots, n_ctx))
         urls = fleet or args.backends.split(",")
         strategy = make_strategy(name)
-        await strategy.start(urls)
+        # The simulated backends run without a RAM prompt cache (as calibrated: --cache-ram 0), and
+        # the balancer is told so; real ones run llama-server's default, the balancer's default.
+        await strategy.start(urls, ram_cache_tokens=None if args.backends else 0)
         try:
             records, started, oracle = await replay(workload, strategy, args)
             report = strategy.report()

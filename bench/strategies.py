@@ -21,7 +21,9 @@ class Strategy:
     name = ""
     description = ""
 
-    async def start(self, urls: list[str]) -> None:
+    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None) -> None:
+        """``ram_cache_tokens``: what each backend's RAM prompt cache holds, as an operator would
+        configure it for llamacpp-ha (None: its default, llama-server's default ``--cache-ram``)."""
         raise NotImplementedError
 
     def stream(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[httpx2.Response]:
@@ -43,7 +45,7 @@ class _Immediate(Strategy):
         self._in_flight: list[int] = []
         self._turn = 0
 
-    async def start(self, urls: list[str]) -> None:
+    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None) -> None:
         self._clients = [httpx2.AsyncClient(base_url=url, timeout=600, limits=_LIMITS) for url in urls]
         self._in_flight = [0] * len(urls)
 
@@ -93,7 +95,7 @@ class Balanced(Strategy):
         self.description = description
         self._client: HAAsyncClient | None = None
 
-    async def start(self, urls: list[str]) -> None:
+    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None) -> None:
         config = BalancerConfig(
             backends=[BackendConfig(url=url) for url in urls],
             policy=self._policy,  # type: ignore[arg-type]
@@ -101,6 +103,8 @@ class Balanced(Strategy):
             max_queue=100_000,
             poll_interval_s=0.5,
         )
+        if ram_cache_tokens is not None:
+            config = config.model_copy(update={"ram_cache_tokens": ram_cache_tokens})
         self._client = ha_client(config, timeout=600)
         await self._client.balancer.start()
 
