@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loading-s", type=float, help="answer 503 Loading model for this long")
     parser.add_argument("--api-key", help="require this key (Bearer or X-Api-Key)")
     parser.add_argument("--no-slots", action="store_true", help="disable /slots (501), like --no-slots")
+    parser.add_argument("--cache-ram", type=int, metavar="MIB", help="RAM prompt cache, MiB (0: off)")
+    parser.add_argument(
+        "--no-cache-idle-slots", action="store_true", help="do not save idle slots to the RAM cache as tasks start"
+    )
     parser.add_argument("--config-json", help="a whole SimConfig as JSON (used by SimProcess)")
     parser.add_argument(
         "--router", metavar="MODELS", help="router mode (--models-dir): comma-separated model ids, loaded on demand"
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         "loading_s": args.loading_s,
         "api_key": args.api_key,
         "slots_endpoint": False if args.no_slots else None,
+        "cache_ram_mib": args.cache_ram,
+        "cache_idle_slots": False if args.no_cache_idle_slots else None,
     }
     config = SimConfig.model_validate(config.model_dump() | {k: v for k, v in updates.items() if v is not None})
 

@@ -46,7 +46,11 @@ class SimConfig(BaseModel):
     cache_ram_mib: int = Field(default=8192, ge=0)
     """Server-wide RAM prompt cache shared by all slots, in MiB, as llama-server's ``--cache-ram``
     (default 8192; 0 turns it off). A slot's prompt is saved there before another prompt
-    overwrites it; the oldest saved prompts go when the total passes the limit."""
+    overwrites most of it, and a better saved prompt is moved from there into the slot; the
+    oldest saved prompts go when the total passes the limit."""
+    cache_idle_slots: bool = True
+    """Save every idle slot's prompt to the RAM cache each time a task starts, as llama-server's
+    ``--cache-idle-slots`` (default on; needs the RAM cache)."""
     kv_bytes_per_token: int = Field(default=49_152, ge=1)
     """KV cache bytes per token, to size saved prompts (200M model: 12 layers x 1024 x 2 x f16)."""
     slot_prompt_similarity: float = Field(default=0.10, ge=0, le=1)

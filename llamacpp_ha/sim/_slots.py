@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._config import SimConfig
+from ._prompt_cache import PromptCache
 from ._text import common_prefix_length
 
 __all__ = ["Assignment", "SimSlot", "SlotPool"]
@@ -26,6 +27,8 @@ class SimSlot:
     params: dict[str, Any] = field(default_factory=dict)
     n_decoded: int = 0
     n_remain: int = -1
+    saved: tuple[str, ...] | None = None
+    """The RAM cache's copy of what the slot holds, once saved there while the slot was idle."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,7 @@ class SlotPool:
         self._config = config
         self.slots = [SimSlot(id=i, n_ctx=config.n_ctx) for i in range(config.slots)]
         self._deferred: deque[_Deferred] = deque()
-        self._ram_cache: deque[tuple[str, ...]] = deque()
-        self._ram_cache_tokens = 0
-        self._ram_cache_limit = config.cache_ram_mib * 1024 * 1024 // config.kv_bytes_per_token
-        """The RAM cache's size in tokens."""
+        self._ram_cache = PromptCache(config.cache_ram_mib * 1024 * 1024 // config.kv_bytes_per_token)
         self._next_task = 0
         self.peak_deferred = 0
         """The most tasks ever deferred at once."""
@@ -78,9 +78,9 @@ class SlotPool:
 
     async def acquire(self, prompt: list[str], id_slot: int | None) -> Assignment:
         """Take a slot for a task, waiting in the deferred queue while none fits."""
-        slot = self._pick(prompt, id_slot)
-        if slot is not None:
-            return self._assign(slot, prompt)
+        picked = self._pick(prompt, id_slot)
+        if picked is not None:
+            return self._assign(*picked, prompt)
         future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
         entry = _Deferred(id_slot, prompt, future)
         self._deferred.append(entry)
@@ -109,57 +109,70 @@ class SlotPool:
         self._deferred.remove(chosen)
         if chosen.future.done():
             return
-        chosen.future.set_result(self._assign(freed, chosen.prompt))
-
-    def _save(self, tokens: tuple[str, ...]) -> None:
-        if len(tokens) > self._ram_cache_limit:
-            return
-        self._ram_cache.append(tokens)
-        self._ram_cache_tokens += len(tokens)
-        while self._ram_cache_tokens > self._ram_cache_limit:
-            self._ram_cache_tokens -= len(self._ram_cache.popleft())
+        update = self._updates_cache(freed, chosen.prompt, pinned=chosen.id_slot is not None)
+        chosen.future.set_result(self._assign(freed, update, chosen.prompt))
 
     @property
     def ram_cache_tokens(self) -> int:
-        return self._ram_cache_tokens
+        return self._ram_cache.tokens
 
     def _wrap(self, id_slot: int) -> int:
         return id_slot % len(self.slots)
 
-    def _pick(self, prompt: list[str], id_slot: int | None) -> SimSlot | None:
+    def _pick(self, prompt: list[str], id_slot: int | None) -> tuple[SimSlot, bool] | None:
+        """The slot for a task, and whether taking it updates the RAM cache (llama-server's
+        ``get_available_slot``: when the slot is taken by LRU, or by similarity but keeps less
+        than half of what it holds)."""
+        threshold = self._config.slot_prompt_similarity
         if id_slot is not None and id_slot >= 0:
             slot = self.slots[self._wrap(id_slot)]
-            return None if slot.is_processing else slot
+            return None if slot.is_processing else (slot, self._updates_cache(slot, prompt, pinned=True))
         idle = [slot for slot in self.slots if not slot.is_processing]
         if not idle:
             return None
-        threshold = self._config.slot_prompt_similarity
         if threshold > 0 and prompt:
             best, best_similarity = None, 0.0
             for slot in idle:
-                similarity = common_prefix_length(slot.tokens, prompt) / len(prompt)
+                similarity = self._similarity(slot, prompt)
                 if similarity > best_similarity:
                     best, best_similarity = slot, similarity
             if best is not None and best_similarity > threshold:
-                return best
-        return min(idle, key=lambda slot: slot.last_used)
+                return best, self._keeps_under_half(best, prompt)
+        return min(idle, key=lambda slot: slot.last_used), True
 
-    def _assign(self, slot: SimSlot, prompt: list[str]) -> Assignment:
+    def _updates_cache(self, slot: SimSlot, prompt: list[str], *, pinned: bool) -> bool:
+        threshold = self._config.slot_prompt_similarity
+        if threshold > 0 and self._similarity(slot, prompt) > threshold:
+            return self._keeps_under_half(slot, prompt)
+        return not pinned  # taken by LRU; a pinned slot that is not similar is taken as it is
+
+    @staticmethod
+    def _similarity(slot: SimSlot, prompt: list[str]) -> float:
+        return common_prefix_length(slot.tokens, prompt) / len(prompt) if prompt else 0.0
+
+    @staticmethod
+    def _keeps_under_half(slot: SimSlot, prompt: list[str]) -> bool:
+        return bool(slot.tokens) and common_prefix_length(slot.tokens, prompt) < len(slot.tokens) / 2
+
+    def _assign(self, slot: SimSlot, update_cache: bool, prompt: list[str]) -> Assignment:
         cached = common_prefix_length(slot.tokens, prompt)
-        if self._ram_cache_limit:
-            # llama-server saves a slot's state to the RAM cache before another prompt
-            # overwrites most of it, and loads the best saved prompt if it matches better.
-            if slot.tokens and cached < len(slot.tokens) / 2:
-                self._save(tuple(slot.tokens))
-            for saved in self._ram_cache:
-                cached = max(cached, common_prefix_length(saved, prompt))
+        if self._ram_cache.limit_tokens and update_cache:
+            self._ram_cache.save(slot.tokens)
+            loaded = self._ram_cache.load(prompt, slot.tokens, cached)
+            if loaded is not None:
+                cached = common_prefix_length(loaded, prompt)
         # At least one prompt token is always evaluated again.
         cached = max(0, min(cached, len(prompt) - 1))
         self._next_task += 1
         slot.is_processing = True
         slot.id_task = self._next_task
         slot.tokens = list(prompt)
+        slot.saved = None
         slot.n_prompt_tokens_cache = cached
         slot.n_prompt_tokens_processed = 0
         slot.n_decoded = 0
+        if self._ram_cache.limit_tokens and self._config.cache_idle_slots:
+            for idle in self.slots:
+                if not idle.is_processing and not (idle.saved is not None and self._ram_cache.holds(idle.saved)):
+                    idle.saved = self._ram_cache.save(idle.tokens)
         return Assignment(slot, cached)

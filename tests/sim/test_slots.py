@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx2
 import pytest
@@ -133,3 +134,82 @@ def test_the_connection_is_closed_after_a_stream_as_llama_server_does() -> None:
                 except TimeoutError:
                     rest = None  # still open
                 assert (rest == b"") is closes, path
+
+
+async def _completion(client: httpx2.AsyncClient, prompt: str, n_predict: int = 1) -> dict[str, Any]:
+    response = await client.post("/completion", json={"prompt": prompt, "n_predict": n_predict})
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_a_saved_prompt_moves_into_the_slot_that_loads_it() -> None:
+    # llama-server's server_prompt_cache::load erases what it loads: one saved copy serves one slot.
+    config = {"slots": 3, "decode_tokens_per_s": 50, "cache_idle_slots": False}
+    with SimServer(**config) as sim:
+        async with httpx2.AsyncClient(base_url=sim.url, timeout=10) as client:
+            shared = words(300)
+            await _completion(client, shared)  # slot 0 holds it
+            await _completion(client, words(300, start=1000))  # slot 1 (least recently used)
+            await _completion(client, words(300, start=2000))  # slot 2
+            await _completion(client, words(300, start=3000))  # slot 0 again: its prompt is saved to RAM
+            first = asyncio.create_task(_completion(client, shared + " first", n_predict=20))
+            await asyncio.sleep(0.05)
+            second = await _completion(client, shared + " second", n_predict=20)
+            first_body = await first
+    assert first_body["timings"]["cache_n"] >= 300, "loaded from the RAM cache"
+    assert second["timings"]["cache_n"] <= 1, "the saved copy left the cache with the first request"
+
+
+@pytest.mark.parametrize("cache_idle_slots", [True, False])
+async def test_idle_slots_are_saved_when_a_task_starts(cache_idle_slots: bool) -> None:
+    # --cache-idle-slots: starting any task saves the idle slots, so a prompt held by an idle slot
+    # is also in RAM, and a second request with it finds it there while the first uses the slot.
+    config = {"slots": 3, "decode_tokens_per_s": 50, "cache_idle_slots": cache_idle_slots}
+    with SimServer(**config) as sim:
+        async with httpx2.AsyncClient(base_url=sim.url, timeout=10) as client:
+            shared = words(300)
+            await _completion(client, shared)  # slot 0
+            other = asyncio.create_task(_completion(client, words(300, start=1000), n_predict=40))  # slot 1
+            await asyncio.sleep(0.05)
+            first = asyncio.create_task(_completion(client, shared + " first", n_predict=20))  # slot 0
+            await asyncio.sleep(0.05)
+            second = await _completion(client, shared + " second", n_predict=20)  # slot 2
+            first_body = await first
+            await other
+    assert first_body["timings"]["cache_n"] >= 300
+    if cache_idle_slots:
+        assert second["timings"]["cache_n"] >= 300
+    else:
+        assert second["timings"]["cache_n"] <= 1
+
+
+def test_the_ram_cache_keeps_no_prompt_inside_another_and_evicts_the_oldest() -> None:
+    from llamacpp_ha.sim._prompt_cache import PromptCache
+
+    cache = PromptCache(limit_tokens=10)
+    abc = cache.save(list("abc"))
+    assert abc == tuple("abc")
+    assert cache.save(list("ab")) == abc, "held inside a longer saved prompt"
+    abcde = cache.save(list("abcde"))
+    assert abcde is not None
+    assert not cache.holds(abc), "replaced by the longer prompt that contains it"
+    xyz = cache.save(list("xyz"))
+    assert xyz is not None
+    assert (len(cache), cache.tokens) == (2, 8)
+    cache.save(list("mnop"))  # 12 tokens: the oldest goes
+    assert not cache.holds(abcde)
+    assert cache.holds(xyz)
+    assert cache.save(list("q" * 11)) is None, "longer than the whole cache"
+
+
+def test_the_ram_cache_moves_the_best_match_into_the_slot() -> None:
+    from llamacpp_ha.sim._prompt_cache import PromptCache
+
+    cache = PromptCache(limit_tokens=100)
+    for prompt in ("abcdefgh", "abxy", "zzzzz"):
+        cache.save(list(prompt))
+    assert cache.load(list("abcdefghij"), [], 0) == tuple("abcdefgh")
+    assert cache.load(list("abcdefghij"), [], 0) == tuple("abxy"), "the first went into a slot"
+    assert cache.load(list("zq"), list("zqqq"), 2) is None, "the slot already covers as much"
+    assert cache.load(list("z" + "q" * 10), [], 0) is None, "keeps under a quarter of the saved prompt"
+    assert len(cache) == 1
