@@ -116,7 +116,9 @@ class BalancerConfig(BaseSettings):
     running request with its prefix waits about that request's time to finish (seconds under load)."""
     ram_cache_tokens: int = Field(default=65_536, ge=0)
     """Prompt tokens a backend keeps in its RAM prompt cache (llama-server ``--cache-ram``; 8 GiB
-    holds about 65k tokens of an 8B model), on top of slots x context."""
+    holds about 65k tokens of an 8B model), on top of slots x context. While a request runs with a
+    prompt, a second one with the same beginning can load the copy saved there (0: the backends run
+    ``--cache-ram 0``, and only another slot that processed it holds it)."""
     down_grace_s: float = Field(default=15.0, ge=0)
     """A request for a model whose every backend is dead fails at once with 503, unless one of them
     is loading or died less than this long ago (a rolling restart): then it waits in the queue."""

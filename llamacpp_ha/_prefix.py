@@ -13,6 +13,10 @@ llama-server caches one prompt per slot, and a running request's slot is not sha
 requests with the same beginning at once need two slots holding it. The index counts the
 *copies* of each prompt beginning a backend holds (a request that found none free was processed
 into a new slot), so the scheduler can tell a copy it may use from one a running request holds.
+A backend with a RAM prompt cache (``--cache-ram``, on by default) holds one more: a slot's prompt
+is saved there when a task starts that does not reuse that slot (``--cache-idle-slots``, or the
+slot being overwritten), and a request that finds no free slot copy moves the saved one into its
+slot (``server_prompt_cache::load`` erases it).
 
 Past its last full block a prompt ends in a partial block no block hash covers; its end mark
 (see ``PromptShape.end``) is kept beside the blocks, so the next turn of a conversation shorter
@@ -37,7 +41,7 @@ _ENDS_PER_BLOCK = 0.25
 
 
 class _BackendBlocks:
-    __slots__ = ("blocks", "ceiling", "copies", "ends", "limit")
+    __slots__ = ("blocks", "ceiling", "copies", "ends", "idle", "limit", "saved")
 
     def __init__(self, ceiling: int) -> None:
         self.blocks: OrderedDict[bytes, None] = OrderedDict()
@@ -45,6 +49,11 @@ class _BackendBlocks:
         """End marks of the prompts it served, with their positions in bytes."""
         self.copies: dict[bytes, int] = {}
         """First block -> how many slots hold a prompt beginning with it."""
+        self.saved: set[bytes] = set()
+        """First blocks of the prompts believed saved in its RAM prompt cache, one copy each."""
+        self.idle: set[bytes] = set()
+        """First blocks of prompts whose slot went idle since the last task started there: the
+        next task that does not reuse the slot saves them to the RAM cache."""
         self.ceiling = ceiling
         """What the backend can hold, from its slots and context."""
         self.limit = float(ceiling)
@@ -124,19 +133,51 @@ class PrefixIndex:
         entry = self._backends.get(backend)
         return entry.copies.get(first_block, 0) if entry is not None else 0
 
+    def saved(self, backend: str, first_block: bytes) -> bool:
+        """Whether the backend's RAM prompt cache is believed to hold a prompt beginning with this block."""
+        entry = self._backends.get(backend)
+        return entry is not None and first_block in entry.saved
+
+    def task_started(self, backend: str, first_block: bytes | None, *, reused_copy: bool) -> None:
+        """A task starts on the backend: llama-server saves the idle slots to its RAM cache, all
+        but the one the task reuses (``reused_copy``: it holds ``first_block``)."""
+        entry = self._backends.get(backend)
+        if entry is None or not entry.idle:
+            return
+        kept = first_block if reused_copy and first_block in entry.idle else None
+        entry.saved.update(block for block in entry.idle if block != kept)
+        entry.idle = {kept} if kept is not None else set()
+
+    def take_saved(self, backend: str, first_block: bytes) -> bool:
+        """A request is sent there that will load the saved copy into its slot; whether there was one."""
+        entry = self._backends.get(backend)
+        if entry is None or first_block not in entry.saved:
+            return False
+        entry.saved.discard(first_block)
+        return True
+
     def holders(self, block: bytes) -> set[str]:
         """Backends holding this block (and so the whole prompt up to its end)."""
         return self._holders.get(block, set())
 
     def insert(
-        self, backend: str, blocks: Sequence[bytes], end: tuple[int, bytes] | None = None, *, new_copy: bool = True
+        self,
+        backend: str,
+        blocks: Sequence[bytes],
+        end: tuple[int, bytes] | None = None,
+        *,
+        new_copy: bool = True,
+        ram_cache: bool = False,
     ) -> None:
         """The backend now holds this prompt (it was just served there); ``new_copy``: in a slot
-        that did not hold its beginning before (it found no free copy there)."""
+        that did not hold its beginning before (it found no free copy there); ``ram_cache``: the
+        backend has one, where the next task that does not reuse the slot saves it."""
         entry = self._entry(backend)
         held = entry.blocks
         if blocks and (new_copy or blocks[0] not in held):
             entry.copies[blocks[0]] = entry.copies.get(blocks[0], 0) + 1
+        if blocks and ram_cache:
+            entry.idle.add(blocks[0])
         for block in reversed(blocks):
             if block in held:
                 held.move_to_end(block)
@@ -171,6 +212,8 @@ class PrefixIndex:
         entry.blocks.clear()
         entry.ends.clear()
         entry.copies.clear()
+        entry.saved.clear()
+        entry.idle.clear()
         entry.limit = float(entry.ceiling)
 
     def _evict(self, backend: str, entry: _BackendBlocks) -> None:
@@ -178,6 +221,8 @@ class PrefixIndex:
         while len(held) > entry.limit:
             block, _ = held.popitem(last=False)
             entry.copies.pop(block, None)
+            entry.saved.discard(block)
+            entry.idle.discard(block)
             self._drop_holder(block, backend)
         ends = entry.ends
         while len(ends) > max(16.0, entry.limit * _ENDS_PER_BLOCK):

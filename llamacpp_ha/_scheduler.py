@@ -507,7 +507,11 @@ class Scheduler:
         return [lease for lease in running if lease.backend is backend and not lease.new_copy]
 
     def _copy_free(self, backend: Backend, first_block: bytes) -> bool:
-        """Whether a slot of the backend that holds this prompt beginning is not serving a request."""
+        """Whether the backend can serve this prompt beginning from a cache now: from a slot holding
+        it that no running request uses, or from the copy saved in its RAM prompt cache."""
+        return self._slot_copy_free(backend, first_block) or self.index.saved(backend.name, first_block)
+
+    def _slot_copy_free(self, backend: Backend, first_block: bytes) -> bool:
         return self.index.copies(backend.name, first_block) > len(self._copy_users(backend, first_block))
 
     def _copy_user(self, waiter: Waiter, backend: Backend) -> Lease | None:
@@ -517,7 +521,7 @@ class Scheduler:
             return None
         copies = self.index.copies(backend.name, blocks[0])
         users = self._copy_users(backend, blocks[0])
-        if not copies or copies > len(users):
+        if not copies or copies > len(users) or self.index.saved(backend.name, blocks[0]):
             return None
         return max(users, key=lambda lease: lease.acquired_at, default=None)
 
@@ -659,9 +663,13 @@ class Scheduler:
         blocks = waiter.prompt.blocks
         tokens_per_char = self.cost.tokens_per_char(waiter.model)
         prompt_tokens = max(1.0, waiter.prompt.chars * tokens_per_char)
-        matched = self.index.match(backend.name, blocks) if blocks and self._copy_free(backend, blocks[0]) else 0
+        slot_copy = bool(blocks) and self._slot_copy_free(backend, blocks[0])
+        # Without a free slot copy, llama-server moves the RAM cache's copy into the slot it takes.
+        from_ram = bool(blocks) and not slot_copy and self.index.take_saved(backend.name, blocks[0])
+        self.index.task_started(backend.name, blocks[0] if blocks else None, reused_copy=slot_copy)
+        matched = self.index.match(backend.name, blocks) if slot_copy or from_ram else 0
         held = self.index.held_bytes(backend.name, waiter.prompt.marks, matched, self.settings.block_bytes)
-        lease.new_copy = matched == 0
+        lease.new_copy = matched == 0 or from_ram
         lease.prompt_chars = waiter.prompt.chars
         lease.prompt_tokens = prompt_tokens
         lease.expected_cached_tokens = min(prompt_tokens - 1, held * tokens_per_char)
@@ -728,9 +736,10 @@ class Scheduler:
         if lease.blocks:
             self._forget_running(lease)
             # The slot that served it now holds its prompt, and can serve what shares it.
-            self.index.insert(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy)
+            ram = self.settings.ram_cache_tokens > 0
+            self.index.insert(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy, ram_cache=ram)
             if self.shared is not None:
-                self.shared.indexed(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy)
+                self.shared.indexed(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy, ram_cache=ram)
         self._learn(lease)
         self.dispatch()
 

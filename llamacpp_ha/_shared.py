@@ -327,11 +327,18 @@ class SharedFleet:
             self._send("release", (lease.backend.name, member))
 
     def indexed(
-        self, backend: str, blocks: tuple[bytes, ...], end: tuple[int, bytes] | None, *, new_copy: bool = True
+        self,
+        backend: str,
+        blocks: tuple[bytes, ...],
+        end: tuple[int, bytes] | None,
+        *,
+        new_copy: bool = True,
+        ram_cache: bool = False,
     ) -> None:
         if self.state == "shared":
             message: dict[str, Any] = {
                 "k": "index", "b": backend, "blocks": [block.hex() for block in blocks], "c": new_copy,
+                "ram": ram_cache,
             }  # fmt: skip
             if end is not None:
                 message["end"] = [end[0], end[1].hex()]
@@ -460,7 +467,8 @@ class SharedFleet:
             end = event.get("end")
             blocks = tuple(bytes.fromhex(block) for block in event.get("blocks", ()))
             mark = (int(end[0]), bytes.fromhex(end[1])) if end else None
-            self._index.insert(backend.name, blocks, mark, new_copy=bool(event.get("c", True)))
+            new_copy, ram_cache = bool(event.get("c", True)), bool(event.get("ram", False))
+            self._index.insert(backend.name, blocks, mark, new_copy=new_copy, ram_cache=ram_cache)
         elif kind == "pin":
             self._affinity.set(str(event["p"]), backend.name)
 

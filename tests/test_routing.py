@@ -36,12 +36,15 @@ def prompt(conversation: int, count: int, weight: int = 1) -> PromptShape:
     return PromptShape(blocks(conversation, count), count * BLOCK + 100, weight)
 
 
-def balancer(*slots: int, patience_max_s: float = 3.0, prefill_backlog_s: float | None = None) -> Balancer:
+def balancer(
+    *slots: int, patience_max_s: float = 3.0, prefill_backlog_s: float | None = None, ram_cache_tokens: int = 65_536
+) -> Balancer:
     """A balancer whose backends look polled and healthy; nothing is ever sent to them."""
     config = BalancerConfig(
         backends=[BackendConfig(url=f"http://b{i}.invalid:8080", name=f"b{i}") for i in range(len(slots))],
         patience_max_s=patience_max_s,
         prefill_backlog_s=prefill_backlog_s,
+        ram_cache_tokens=ram_cache_tokens,
     )
     made = Balancer(config)
     for backend, capacity in zip(made.backends, slots, strict=True):
@@ -152,6 +155,32 @@ def test_copies_of_a_prompt_beginning_are_counted_per_slot() -> None:
     assert index.copies("a", blocks(2, 1)[0]) == 1
     index.clear("a")
     assert index.copies("a", blocks(2, 1)[0]) == 0
+
+
+def test_a_copy_saved_in_ram_serves_one_request_and_goes_with_the_prompts_beginning() -> None:
+    index = PrefixIndex()
+    index.set_ceiling("a", 1000)
+    first = blocks(1, 1)[0]
+    index.insert("a", blocks(1, 10))
+    index.task_started("a", None, reused_copy=False)
+    assert not index.saved("a", first), "only a backend with a RAM prompt cache saves it"
+    index.insert("a", blocks(1, 10), new_copy=False, ram_cache=True)
+    index.task_started("a", first, reused_copy=True)
+    assert not index.saved("a", first), "the next task reused its slot: not idle, not saved"
+    index.task_started("a", blocks(2, 1)[0], reused_copy=False)
+    assert index.saved("a", first), "saved as a task started elsewhere while its slot was idle"
+    assert not index.saved("b", first)
+    assert index.take_saved("a", first)
+    assert not index.take_saved("a", first), "loading moves the saved copy into a slot"
+    index.insert("a", blocks(1, 10), new_copy=False, ram_cache=True)
+    index.task_started("a", None, reused_copy=False)
+    index.clear("a")
+    assert not index.saved("a", first)
+    index.insert("a", blocks(1, 10), ram_cache=True)
+    index.task_started("a", None, reused_copy=False)
+    index.set_ceiling("a", 16)
+    index.insert("a", blocks(2, 16))  # evicts the first prompt, its beginning included
+    assert not index.saved("a", first)
 
 
 def test_timings_are_read_from_the_tail_of_a_body() -> None:
@@ -434,6 +463,51 @@ async def test_without_patience_a_second_request_for_a_busy_copy_is_cold() -> No
     copies = {name: made.scheduler.index.copies(name, shape.blocks[0]) for name in ("b0", "b1")}
     assert sum(copies.values()) == 2
     assert copies["b1"] >= 1
+
+
+@pytest.mark.parametrize("ram_cache_tokens", [65_536, 0])
+async def test_with_a_ram_prompt_cache_a_second_request_loads_the_saved_copy(ram_cache_tokens: int) -> None:
+    # llama-server saves an idle slot's prompt to its RAM cache as a task starts in another slot;
+    # a request that then finds the slot copy in use loads the saved one into a slot of its own.
+    made = balancer(4, 4, patience_max_s=20.0, ram_cache_tokens=ram_cache_tokens)
+    earlier = submit(made, prompt(1, 40))
+    home = granted(earlier)
+    assert home is not None
+    earlier.grant.result().release()
+    other = submit(made, prompt(2, 40))
+    if granted(other) != home:  # a task must start on the home backend while the slot is idle
+        other.grant.result().release()
+        other = submit(made, prompt(3, 2), excluded=frozenset({"b0", "b1"} - {home}))
+    assert granted(other) == home
+    first = submit(made, prompt(1, 41))
+    assert granted(first) == home
+    assert not first.grant.result().new_copy, "it reuses the slot the earlier request left"
+    second = submit(made, prompt(1, 42))  # the same beginning, while the first runs
+    if ram_cache_tokens:
+        assert granted(second) == home
+        lease = second.grant.result()
+        assert lease.expected_cached_tokens == 5_120
+        assert lease.new_copy, "it fills another slot"
+        third = submit(made, prompt(1, 43))
+        # The saved copy went with the second request: the third waits for a copy or goes cold.
+        assert third.state is WaiterState.PARKED or third.grant.result().expected_cached_tokens == 0
+    else:
+        # --cache-ram 0: the only copy is in use; it waits for it or goes cold.
+        assert second.state is WaiterState.PARKED or second.grant.result().expected_cached_tokens == 0
+    release_all(made)
+    assert made.scheduler.index.copies(home, prompt(1, 1).blocks[0]) >= (2 if ram_cache_tokens else 1)
+
+
+async def test_a_slot_reused_at_once_is_never_saved_to_ram_so_the_next_request_waits() -> None:
+    made = balancer(4, 4, patience_max_s=20.0)
+    earlier = submit(made, prompt(1, 40))
+    home = granted(earlier)
+    earlier.grant.result().release()
+    first = submit(made, prompt(1, 41))  # takes the idle slot before any other task starts there
+    assert granted(first) == home
+    second = submit(made, prompt(1, 42))
+    assert second.state is WaiterState.PARKED, "no copy in RAM: it waits for the first"
+    release_all(made)
 
 
 async def test_two_requests_parked_for_one_copy_are_served_one_after_the_other() -> None:

@@ -126,3 +126,41 @@ async def test_requests_for_a_model_nobody_can_serve_now_do_not_block_others(sim
     assert not waiting.done()
     await blocker.close()
     assert await waiting
+
+
+@pytest.mark.parametrize("cache_ram_mib", [8192, 0])
+async def test_a_request_loads_the_ram_copy_of_a_prompt_a_running_request_holds(
+    sims: Sims, clients: Clients, cache_ram_mib: int
+) -> None:
+    # llama-server saves idle slots to its RAM prompt cache as a task starts; while a request runs
+    # in the slot holding the system prompt, the next one loads the saved copy. The balancer
+    # expects exactly that, and nothing of it when the backend runs --cache-ram 0.
+    sim = sims(slots=3, n_ctx=4096, decode_tokens_per_s=40, cache_ram_mib=cache_ram_mib)
+    ram_cache_tokens = 65_536 if cache_ram_mib else 0
+    http, client = clients(fleet_config(sim, ram_cache_tokens=ram_cache_tokens, patience_max_s=0.0))
+    await http.balancer.start()
+
+    async def ask(question: str, max_tokens: int) -> Any:
+        messages = chat(question, system=SYSTEM)
+        return await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=max_tokens
+        )
+
+    await ask("Tell me about llamas.", 2)
+    # A task in another slot (a prompt too unlike the first for llama-server to pick its slot).
+    other = chat("Unrelated.", system="Answer in French, briefly and politely. " * 20)
+    await client.chat.completions.create(model=MODEL, messages=other, max_tokens=2)
+    running = asyncio.create_task(ask("And alpacas?", 40))  # reuses the slot, a second of decoding
+    await eventually(lambda: sim.app.pool.processing == 1)
+    raw = await ask("And vicunas?", 2)
+    info: RouteInfo = raw.http_response.extensions["llamacpp_ha"]
+    cache_n = raw.parse().model_extra["timings"]["cache_n"]
+    await running
+    system_tokens = len(SYSTEM.split())
+    if cache_ram_mib:
+        assert info.expected_cached_tokens > system_tokens / 2
+        assert cache_n > system_tokens
+    else:
+        assert info.expected_cached_tokens == 0
+        assert cache_n < system_tokens / 4
+    await eventually(lambda: http.balancer.snapshot().backends[0].in_flight == 0)
