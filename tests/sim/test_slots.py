@@ -144,8 +144,7 @@ async def _completion(client: httpx2.AsyncClient, prompt: str, n_predict: int = 
 
 async def test_a_saved_prompt_moves_into_the_slot_that_loads_it() -> None:
     # llama-server's server_prompt_cache::load erases what it loads: one saved copy serves one slot.
-    config = {"slots": 3, "decode_tokens_per_s": 50, "cache_idle_slots": False}
-    with SimServer(**config) as sim:
+    with SimServer(slots=3, decode_tokens_per_s=50, cache_idle_slots=False) as sim:
         async with httpx2.AsyncClient(base_url=sim.url, timeout=10) as client:
             shared = words(300)
             await _completion(client, shared)  # slot 0 holds it
@@ -164,8 +163,7 @@ async def test_a_saved_prompt_moves_into_the_slot_that_loads_it() -> None:
 async def test_idle_slots_are_saved_when_a_task_starts(cache_idle_slots: bool) -> None:
     # --cache-idle-slots: starting any task saves the idle slots, so a prompt held by an idle slot
     # is also in RAM, and a second request with it finds it there while the first uses the slot.
-    config = {"slots": 3, "decode_tokens_per_s": 50, "cache_idle_slots": cache_idle_slots}
-    with SimServer(**config) as sim:
+    with SimServer(slots=3, decode_tokens_per_s=50, cache_idle_slots=cache_idle_slots) as sim:
         async with httpx2.AsyncClient(base_url=sim.url, timeout=10) as client:
             shared = words(300)
             await _completion(client, shared)  # slot 0
