@@ -519,11 +519,9 @@ class Scheduler:
         blocks = waiter.prompt.blocks
         if not blocks:
             return None
-        copies = self.index.copies(backend.name, blocks[0])
-        users = self._copy_users(backend, blocks[0])
-        if not copies or copies > len(users) or self.index.saved(backend.name, blocks[0]):
+        if not self.index.copies(backend.name, blocks[0]) or self._copy_free(backend, blocks[0]):
             return None
-        return max(users, key=lambda lease: lease.acquired_at, default=None)
+        return max(self._copy_users(backend, blocks[0]), key=lambda lease: lease.acquired_at, default=None)
 
     def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | None:
         """The free backend to grant now, or None when the waiter was parked for a busy one."""

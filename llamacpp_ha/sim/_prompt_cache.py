@@ -36,9 +36,9 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._sorted)
 
-    def holds(self, state: tuple[str, ...]) -> bool:
+    def holds(self, state: tuple[str, ...] | None) -> bool:
         """Whether this saved prompt (as :meth:`save` returned it) is still here."""
-        return self._by_age.get(id(state)) is state
+        return state is not None and self._by_age.get(id(state)) is state
 
     def save(self, tokens: Sequence[str]) -> tuple[str, ...] | None:
         """Save a slot's prompt; returns the saved prompt that holds it (None: too long to keep)."""
@@ -54,9 +54,9 @@ class PromptCache:
         insort(saved, state)
         self._by_age[id(state)] = state
         self.tokens += len(state)
-        while self.tokens > self.limit_tokens:
+        while self.tokens > self.limit_tokens:  # never the new one: it fits the limit alone
             self._remove(next(iter(self._by_age.values())))
-        return state if self.holds(state) else None
+        return state
 
     def load(self, prompt: Sequence[str], slot_tokens: Sequence[str], slot_match: int) -> tuple[str, ...] | None:
         """Take the saved prompt sharing the longest beginning with ``prompt`` if it serves it

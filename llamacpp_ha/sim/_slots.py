@@ -4,13 +4,17 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ._config import SimConfig
 from ._prompt_cache import PromptCache
 from ._text import common_prefix_length
 
 __all__ = ["Assignment", "SimSlot", "SlotPool"]
+
+_Taken = Literal["similar", "lru", "pinned"]
+"""How a task got its slot (llama-server's ``get_available_slot``): by prompt similarity, as the
+least recently used idle slot, or pinned by ``id_slot`` to a slot whose prompt is not similar."""
 
 
 @dataclass
@@ -109,8 +113,8 @@ class SlotPool:
         self._deferred.remove(chosen)
         if chosen.future.done():
             return
-        update = self._updates_cache(freed, chosen.prompt, pinned=chosen.id_slot is not None)
-        chosen.future.set_result(self._assign(freed, update, chosen.prompt))
+        taken = self._taken(freed, chosen.prompt, pinned=chosen.id_slot is not None)
+        chosen.future.set_result(self._assign(freed, taken, chosen.prompt))
 
     @property
     def ram_cache_tokens(self) -> int:
@@ -119,17 +123,15 @@ class SlotPool:
     def _wrap(self, id_slot: int) -> int:
         return id_slot % len(self.slots)
 
-    def _pick(self, prompt: list[str], id_slot: int | None) -> tuple[SimSlot, bool] | None:
-        """The slot for a task, and whether taking it updates the RAM cache (llama-server's
-        ``get_available_slot``: when the slot is taken by LRU, or by similarity but keeps less
-        than half of what it holds)."""
-        threshold = self._config.slot_prompt_similarity
+    def _pick(self, prompt: list[str], id_slot: int | None) -> tuple[SimSlot, _Taken] | None:
+        """The slot for a task and how it was taken (llama-server's ``get_available_slot``)."""
         if id_slot is not None and id_slot >= 0:
             slot = self.slots[self._wrap(id_slot)]
-            return None if slot.is_processing else (slot, self._updates_cache(slot, prompt, pinned=True))
+            return None if slot.is_processing else (slot, self._taken(slot, prompt, pinned=True))
         idle = [slot for slot in self.slots if not slot.is_processing]
         if not idle:
             return None
+        threshold = self._config.slot_prompt_similarity
         if threshold > 0 and prompt:
             best, best_similarity = None, 0.0
             for slot in idle:
@@ -137,25 +139,26 @@ class SlotPool:
                 if similarity > best_similarity:
                     best, best_similarity = slot, similarity
             if best is not None and best_similarity > threshold:
-                return best, self._keeps_under_half(best, prompt)
-        return min(idle, key=lambda slot: slot.last_used), True
+                return best, "similar"
+        return min(idle, key=lambda slot: slot.last_used), "lru"
 
-    def _updates_cache(self, slot: SimSlot, prompt: list[str], *, pinned: bool) -> bool:
+    def _taken(self, slot: SimSlot, prompt: list[str], *, pinned: bool) -> _Taken:
+        """How a task given this slot counts as having taken it."""
         threshold = self._config.slot_prompt_similarity
         if threshold > 0 and self._similarity(slot, prompt) > threshold:
-            return self._keeps_under_half(slot, prompt)
-        return not pinned  # taken by LRU; a pinned slot that is not similar is taken as it is
+            return "similar"
+        return "pinned" if pinned else "lru"
 
     @staticmethod
     def _similarity(slot: SimSlot, prompt: list[str]) -> float:
         return common_prefix_length(slot.tokens, prompt) / len(prompt) if prompt else 0.0
 
-    @staticmethod
-    def _keeps_under_half(slot: SimSlot, prompt: list[str]) -> bool:
-        return bool(slot.tokens) and common_prefix_length(slot.tokens, prompt) < len(slot.tokens) / 2
-
-    def _assign(self, slot: SimSlot, update_cache: bool, prompt: list[str]) -> Assignment:
+    def _assign(self, slot: SimSlot, taken: _Taken, prompt: list[str]) -> Assignment:
         cached = common_prefix_length(slot.tokens, prompt)
+        # llama-server updates the RAM cache (saves the slot's prompt, loads a better saved one)
+        # when the slot is taken by LRU, or by similarity while keeping under half of its prompt.
+        keeps_under_half = bool(slot.tokens) and cached < len(slot.tokens) / 2
+        update_cache = taken == "lru" or (taken == "similar" and keeps_under_half)
         if self._ram_cache.limit_tokens and update_cache:
             self._ram_cache.save(slot.tokens)
             loaded = self._ram_cache.load(prompt, slot.tokens, cached)
@@ -173,6 +176,6 @@ class SlotPool:
         slot.n_decoded = 0
         if self._ram_cache.limit_tokens and self._config.cache_idle_slots:
             for idle in self.slots:
-                if not idle.is_processing and not (idle.saved is not None and self._ram_cache.holds(idle.saved)):
+                if not idle.is_processing and not self._ram_cache.holds(idle.saved):
                     idle.saved = self._ram_cache.save(idle.tokens)
         return Assignment(slot, cached)
