@@ -18,6 +18,12 @@ is saved there when a task starts that does not reuse that slot (``--cache-idle-
 slot being overwritten), and a request that finds no free slot copy moves the saved one into its
 slot (``server_prompt_cache::load`` erases it).
 
+A slot holds one prompt, whatever its length, so the copies a backend holds are also bounded by
+its slots: a task that takes a slot not holding its prompt overwrites the least recently used
+idle one (``get_available_slot``), and that slot's prompt is gone (or, with a RAM cache, saved
+there). A bound in blocks alone would believe a backend of 16 slots holds 24 prompts when prompts
+are shorter than its context, and send sessions to a backend that evicted them.
+
 Past its last full block a prompt ends in a partial block no block hash covers; its end mark
 (see ``PromptShape.end``) is kept beside the blocks, so the next turn of a conversation shorter
 than a few blocks still finds the backend holding the turn before.
@@ -26,7 +32,7 @@ than a few blocks still finds the backend holding the turn before.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["PrefixIndex"]
 
@@ -38,10 +44,13 @@ also comes from a slot overwritten before we came back, and a belief shrunk belo
 slot forgets every prompt and finds nothing again."""
 _ENDS_PER_BLOCK = 0.25
 """End marks kept per block of capacity: one per prompt of four blocks or more."""
+InUse = Callable[[bytes], int]
+_UNTRACKED = b""
+"""Stands for the prompts without a block (shorter than one): they take slots too."""
 
 
 class _BackendBlocks:
-    __slots__ = ("blocks", "ceiling", "copies", "ends", "idle", "limit", "saved")
+    __slots__ = ("blocks", "ceiling", "copies", "ends", "idle", "in_slots", "limit", "saved", "slot_order", "slots")
 
     def __init__(self, ceiling: int) -> None:
         self.blocks: OrderedDict[bytes, None] = OrderedDict()
@@ -49,6 +58,12 @@ class _BackendBlocks:
         """End marks of the prompts it served, with their positions in bytes."""
         self.copies: dict[bytes, int] = {}
         """First block -> how many slots hold a prompt beginning with it."""
+        self.slot_order: OrderedDict[bytes, None] = OrderedDict()
+        """The first blocks in ``copies`` (and ``_UNTRACKED``), least recently used slot first."""
+        self.in_slots = 0
+        """Slots believed to hold a prompt: the sum of ``copies``."""
+        self.slots = 0
+        """The backend's slots (0: not known yet, no bound)."""
         self.saved: set[bytes] = set()
         """First blocks of the prompts believed saved in its RAM prompt cache, one copy each."""
         self.idle: set[bytes] = set()
@@ -88,6 +103,10 @@ class PrefixIndex:
             entry.limit = min(float(blocks), entry.limit * blocks / entry.ceiling)
             entry.ceiling = blocks
             self._evict(backend, entry)
+
+    def set_slots(self, backend: str, slots: int) -> None:
+        """How many slots the backend has (from ``/props``): at most that many prompts in them."""
+        self._entry(backend).slots = max(0, slots)
 
     def match(self, backend: str, blocks: Sequence[bytes]) -> int:
         """How many leading blocks of the prompt the backend holds."""
@@ -148,6 +167,36 @@ class PrefixIndex:
         entry.saved.update(block for block in entry.idle if block != kept)
         entry.idle = {kept} if kept is not None else set()
 
+    def slot_taken(
+        self,
+        backend: str,
+        first_block: bytes | None,
+        *,
+        reused_copy: bool,
+        taking: int,
+        in_use: InUse,
+        ram_cache: bool = False,
+    ) -> None:
+        """A task starts on the backend. ``reused_copy``: in the slot holding its prompt's beginning,
+        now the most recently used. Otherwise in a slot that held something else: ``taking`` is the
+        slots our running tasks took that way, this one included, and the least recently used
+        idle prompts leave the slots until those fit (``ram_cache``: into the backend's RAM cache;
+        ``in_use``: how many copies of a prompt beginning our running tasks use)."""
+        entry = self._backends.get(backend)
+        if entry is None:
+            return
+        if reused_copy and first_block is not None:
+            if first_block in entry.slot_order:
+                entry.slot_order.move_to_end(first_block)
+            return
+        self._fit_slots(backend, entry, taking, ram_cache, in_use)
+
+    def untracked_prompt(self, backend: str) -> None:
+        """A prompt shorter than one block was served there: its slot holds it now."""
+        entry = self._entry(backend)
+        self._add_copy(entry, _UNTRACKED)
+        self._fit_slots(backend, entry, 0, False)
+
     def take_saved(self, backend: str, first_block: bytes) -> bool:
         """A request is sent there that will load the saved copy into its slot; whether there was one."""
         entry = self._backends.get(backend)
@@ -175,7 +224,9 @@ class PrefixIndex:
         entry = self._entry(backend)
         held = entry.blocks
         if blocks and (new_copy or blocks[0] not in held):
-            entry.copies[blocks[0]] = entry.copies.get(blocks[0], 0) + 1
+            self._add_copy(entry, blocks[0])
+        elif blocks and blocks[0] in entry.slot_order:
+            entry.slot_order.move_to_end(blocks[0])
         if blocks and ram_cache:
             entry.idle.add(blocks[0])
         for block in reversed(blocks):
@@ -191,6 +242,8 @@ class PrefixIndex:
             else:
                 entry.ends[mark] = position
                 self._holders.setdefault(mark, set()).add(backend)
+        # (Our own tasks made room when they started; a peer's may not have.)
+        self._fit_slots(backend, entry, 0, ram_cache)
         self._evict(backend, entry)
 
     def observe(self, backend: str, expected_blocks: int, actual_blocks: int) -> None:
@@ -212,6 +265,8 @@ class PrefixIndex:
         entry.blocks.clear()
         entry.ends.clear()
         entry.copies.clear()
+        entry.slot_order.clear()
+        entry.in_slots = 0
         entry.saved.clear()
         entry.idle.clear()
         entry.limit = float(entry.ceiling)
@@ -220,7 +275,8 @@ class PrefixIndex:
         held = entry.blocks
         while len(held) > entry.limit:
             block, _ = held.popitem(last=False)
-            entry.copies.pop(block, None)
+            entry.in_slots -= entry.copies.pop(block, 0)
+            entry.slot_order.pop(block, None)
             entry.saved.discard(block)
             entry.idle.discard(block)
             self._drop_holder(block, backend)
@@ -228,6 +284,52 @@ class PrefixIndex:
         while len(ends) > max(16.0, entry.limit * _ENDS_PER_BLOCK):
             mark, _ = ends.popitem(last=False)
             self._drop_holder(mark, backend)
+
+    @staticmethod
+    def _add_copy(entry: _BackendBlocks, first_block: bytes) -> None:
+        entry.copies[first_block] = entry.copies.get(first_block, 0) + 1
+        entry.in_slots += 1
+        entry.slot_order[first_block] = None
+        entry.slot_order.move_to_end(first_block)
+
+    def _fit_slots(
+        self, backend: str, entry: _BackendBlocks, taking: int, ram_cache: bool, in_use: InUse | None = None
+    ) -> None:
+        """Overwrite the least recently used idle slots until the prompts in slots and the ``taking``
+        tasks fit in the backend's slots (``in_use``: how many copies of a prompt beginning running
+        tasks use; llama-server never takes a slot that is processing)."""
+        excess = entry.in_slots + taking - entry.slots
+        if not entry.slots or excess <= 0:
+            return
+        for first_block in list(entry.slot_order):
+            idle = entry.copies[first_block]
+            if in_use is not None and first_block != _UNTRACKED:
+                idle -= in_use(first_block)
+            for _ in range(min(idle, excess)):
+                self._drop_copy(backend, entry, first_block, ram_cache)
+                excess -= 1
+            if not excess:
+                return
+
+    def _drop_copy(self, backend: str, entry: _BackendBlocks, first_block: bytes, ram_cache: bool) -> None:
+        """One slot holding a prompt with this beginning is overwritten. A prompt left in no slot
+        is gone, or saved in the RAM cache."""
+        entry.in_slots -= 1
+        left = entry.copies[first_block] - 1
+        if left:
+            entry.copies[first_block] = left
+            return
+        del entry.copies[first_block]
+        del entry.slot_order[first_block]
+        if first_block == _UNTRACKED:
+            return
+        entry.idle.discard(first_block)
+        if ram_cache:
+            entry.saved.add(first_block)
+        elif first_block not in entry.saved and first_block in entry.blocks:
+            # Its first block gone, no match reaches the rest; the block bound drops that later.
+            del entry.blocks[first_block]
+            self._drop_holder(first_block, backend)
 
     def _drop_holder(self, block: bytes, backend: str) -> None:
         holders = self._holders.get(block)

@@ -188,6 +188,7 @@ class Scheduler:
                 self._generations[backend.name] = backend.generation
                 self.index.clear(backend.name)
             self.index.set_ceiling(backend.name, self._ceiling_blocks(backend))
+            self.index.set_slots(backend.name, backend.capacity)
             if not backend.routable:
                 self._queue.unpark_all(backend.name)
         self.dispatch()
@@ -668,6 +669,15 @@ class Scheduler:
         matched = self.index.match(backend.name, blocks) if slot_copy or from_ram else 0
         held = self.index.held_bytes(backend.name, waiter.prompt.marks, matched, self.settings.block_bytes)
         lease.new_copy = matched == 0 or from_ram
+        # Slots our running tasks took without holding their prompts (this one's included): the
+        # prompts they held before are overwritten.
+        taking = 0 if slot_copy else weight + sum(other.weight for other in backend.leases if other.new_copy)
+        first_block = blocks[0] if blocks else None
+        ram = self.settings.ram_cache_tokens > 0
+        self.index.slot_taken(
+            backend.name, first_block, reused_copy=slot_copy, taking=taking, ram_cache=ram,
+            in_use=lambda block: len(self._copy_users(backend, block)),
+        )  # fmt: skip
         lease.prompt_chars = waiter.prompt.chars
         lease.prompt_tokens = prompt_tokens
         lease.expected_cached_tokens = min(prompt_tokens - 1, held * tokens_per_char)
@@ -738,6 +748,8 @@ class Scheduler:
             self.index.insert(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy, ram_cache=ram)
             if self.shared is not None:
                 self.shared.indexed(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy, ram_cache=ram)
+        else:
+            self.index.untracked_prompt(backend.name)
         self._learn(lease)
         self.dispatch()
 

@@ -183,6 +183,58 @@ def test_a_copy_saved_in_ram_serves_one_request_and_goes_with_the_prompts_beginn
     assert not index.saved("a", first)
 
 
+def test_a_backend_holds_one_prompt_per_slot_and_overwrites_the_least_recently_used() -> None:
+    index = PrefixIndex()
+    index.set_ceiling("a", 1000)  # room for every block: only the slots bound what it holds
+    index.set_slots("a", 2)
+    index.insert("a", blocks(1, 10))
+    index.insert("a", blocks(2, 10))
+    index.insert("a", blocks(1, 12), new_copy=False)  # the first conversation's next turn, in its slot
+    index.insert("a", blocks(3, 10))  # a third prompt takes the least recently used slot: the second's
+    assert index.match("a", blocks(2, 10)) == 0
+    assert "a" not in index.holders(blocks(2, 1)[0])
+    assert index.copies("a", blocks(2, 1)[0]) == 0
+    assert index.match("a", blocks(1, 12)) == 12
+    assert index.match("a", blocks(3, 10)) == 10
+    index.untracked_prompt("a")  # a prompt shorter than a block takes a slot too: the first's
+    assert index.match("a", blocks(1, 12)) == 0
+    assert index.match("a", blocks(3, 10)) == 10
+
+
+def test_a_task_taking_a_slot_overwrites_an_idle_one_never_one_in_use() -> None:
+    index = PrefixIndex()
+    index.set_ceiling("a", 1000)
+    index.set_slots("a", 3)
+    first, second, third = (blocks(n, 1)[0] for n in (1, 2, 3))
+    for n in (1, 2, 3):
+        index.insert("a", blocks(n, 10))
+    # A request reuses the first prompt's slot: it is processing, and the most recently used.
+    index.slot_taken("a", first, reused_copy=True, taking=0, in_use=lambda block: int(block == first))
+    # Two tasks take slots that do not hold their prompts: the idle ones go, least recent first.
+    index.slot_taken("a", None, reused_copy=False, taking=1, in_use=lambda block: int(block == first))
+    assert (index.copies("a", first), index.copies("a", second), index.copies("a", third)) == (1, 0, 1)
+    index.slot_taken("a", None, reused_copy=False, taking=2, in_use=lambda block: 1)
+    assert index.copies("a", third) == 1, "every prompt left is in use: no slot of theirs is taken"
+    index.slot_taken("a", None, reused_copy=False, taking=2, in_use=lambda block: int(block == first))
+    assert (index.match("a", blocks(1, 10)), index.match("a", blocks(3, 10))) == (10, 0)
+    index.clear("a")
+    assert index.copies("a", first) == 0
+
+
+def test_with_a_ram_cache_a_prompt_overwritten_in_its_slot_is_saved_there() -> None:
+    index = PrefixIndex()
+    index.set_ceiling("a", 1000)
+    index.set_slots("a", 1)
+    first = blocks(1, 1)[0]
+    index.insert("a", blocks(1, 10), ram_cache=True)
+    index.slot_taken("a", blocks(2, 1)[0], reused_copy=False, taking=1, in_use=lambda block: 0, ram_cache=True)
+    assert index.copies("a", first) == 0
+    assert index.saved("a", first)
+    assert index.match("a", blocks(1, 10)) == 10, "the RAM cache holds it"
+    index.insert("a", blocks(2, 10), ram_cache=True)
+    assert index.take_saved("a", first)
+
+
 def test_timings_are_read_from_the_tail_of_a_body() -> None:
     tail = b'data: {"choices":[],"timings":{"cache_n":51,"prompt_n":1,"prompt_ms":1.224,"predicted_n":12}}\n\n'
     assert Timings.find(tail) == Timings(51, 1, 1.224, predicted_n=12)

@@ -164,3 +164,31 @@ async def test_a_request_loads_the_ram_copy_of_a_prompt_a_running_request_holds(
         assert info.expected_cached_tokens == 0
         assert cache_n < system_tokens / 4
     await eventually(lambda: http.balancer.snapshot().backends[0].in_flight == 0)
+
+
+async def test_a_backend_holds_one_prompt_per_slot_and_the_balancer_knows_which(sims: Sims, clients: Clients) -> None:
+    # Three conversations on a backend of two slots (--cache-ram 0): the third overwrites the
+    # least recently used slot, the first conversation's. Its prompts are short next to the
+    # context, so only counting slots, not tokens, tells the balancer the first one is gone.
+    sim = sims(slots=2, n_ctx=4096, cache_ram_mib=0)
+    http, client = clients(fleet_config(sim, ram_cache_tokens=0))
+    await http.balancer.start()
+
+    async def ask(conversation: str, question: str) -> tuple[float, int]:
+        messages = chat(question, system=f"{conversation} {SYSTEM}")
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=2)
+        info: RouteInfo = raw.http_response.extensions["llamacpp_ha"]
+        extra = raw.parse().model_extra
+        assert extra is not None
+        return info.expected_cached_tokens, extra["timings"]["cache_n"]
+
+    for conversation in ("Alpha.", "Bravo.", "Charlie."):
+        await ask(conversation, "Tell me about llamas.")
+    system_tokens = len(SYSTEM.split())
+    expected, cache_n = await ask("Bravo.", "And alpacas?")
+    assert expected > system_tokens / 2
+    assert cache_n > system_tokens
+    expected, cache_n = await ask("Alpha.", "And alpacas?")
+    assert expected == 0, "its slot was overwritten: the balancer expects nothing cached"
+    assert cache_n < system_tokens / 4
+    await eventually(lambda: http.balancer.snapshot().backends[0].in_flight == 0)
