@@ -184,8 +184,10 @@ async def run_cell(workload: Workload, load: float, name: str, args: argparse.Na
         urls = fleet or args.backends.split(",")
         strategy = make_strategy(name)
         # The simulated backends run without a RAM prompt cache (as calibrated: --cache-ram 0), and
-        # the balancer is told so; real ones run llama-server's default, the balancer's default.
-        await strategy.start(urls, ram_cache_tokens=None if args.backends else 0)
+        # the balancer is told so; real ones run llama-server's default, the balancer's default,
+        # unless told otherwise.
+        ram_cache_tokens = args.ram_cache_tokens if args.backends else 0
+        await strategy.start(urls, ram_cache_tokens=ram_cache_tokens)
         try:
             records, started, oracle = await replay(workload, strategy, args)
             report = strategy.report()
@@ -332,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every prompt length (slow backends)")
     parser.add_argument("--speed", choices=sorted(SPEEDS), default="gpu-8b", help="backend speed, for the load")
     parser.add_argument("--model", default=SIM_MODEL, help="the model name requests ask for")
+    parser.add_argument("--ram-cache-tokens", type=int, help="real backends' RAM prompt cache, for the balancer "
+                        "(0 for llama-server --cache-ram 0; default: the balancer's default)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
