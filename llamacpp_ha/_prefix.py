@@ -188,14 +188,15 @@ class PrefixIndex:
         if reused_copy and first_block is not None:
             if first_block in entry.slot_order:
                 entry.slot_order.move_to_end(first_block)
-            return
-        self._fit_slots(backend, entry, taking, ram_cache, in_use)
+        elif entry.slots and entry.in_slots + taking > entry.slots:
+            self._fit_slots(backend, entry, taking, ram_cache, in_use)
 
     def untracked_prompt(self, backend: str) -> None:
         """A prompt shorter than one block was served there: its slot holds it now."""
         entry = self._entry(backend)
         self._add_copy(entry, _UNTRACKED)
-        self._fit_slots(backend, entry, 0, False)
+        if entry.slots and entry.in_slots > entry.slots:
+            self._fit_slots(backend, entry, 0, False)
 
     def take_saved(self, backend: str, first_block: bytes) -> bool:
         """A request is sent there that will load the saved copy into its slot; whether there was one."""
@@ -242,8 +243,8 @@ class PrefixIndex:
             else:
                 entry.ends[mark] = position
                 self._holders.setdefault(mark, set()).add(backend)
-        # (Our own tasks made room when they started; a peer's may not have.)
-        self._fit_slots(backend, entry, 0, ram_cache)
+        if entry.slots and entry.in_slots > entry.slots:  # (our own tasks made room as they started)
+            self._fit_slots(backend, entry, 0, ram_cache)
         self._evict(backend, entry)
 
     def observe(self, backend: str, expected_blocks: int, actual_blocks: int) -> None:
@@ -296,20 +297,18 @@ class PrefixIndex:
         self, backend: str, entry: _BackendBlocks, taking: int, ram_cache: bool, in_use: InUse | None = None
     ) -> None:
         """Overwrite the least recently used idle slots until the prompts in slots and the ``taking``
-        tasks fit in the backend's slots (``in_use``: how many copies of a prompt beginning running
+        tasks fit in the backend's slots, which are known (``in_use``: how many copies of a prompt beginning running
         tasks use; llama-server never takes a slot that is processing)."""
         excess = entry.in_slots + taking - entry.slots
-        if not entry.slots or excess <= 0:
-            return
         for first_block in list(entry.slot_order):
+            if excess <= 0:
+                return
             idle = entry.copies[first_block]
             if in_use is not None and first_block != _UNTRACKED:
                 idle -= in_use(first_block)
             for _ in range(min(idle, excess)):
                 self._drop_copy(backend, entry, first_block, ram_cache)
                 excess -= 1
-            if not excess:
-                return
 
     def _drop_copy(self, backend: str, entry: _BackendBlocks, first_block: bytes, ram_cache: bool) -> None:
         """One slot holding a prompt with this beginning is overwritten. A prompt left in no slot

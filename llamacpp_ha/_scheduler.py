@@ -671,12 +671,10 @@ class Scheduler:
         lease.new_copy = matched == 0 or from_ram
         # Slots our running tasks took without holding their prompts (this one's included): the
         # prompts they held before are overwritten.
-        taking = 0 if slot_copy else weight + sum(other.weight for other in backend.leases if other.new_copy)
-        first_block = blocks[0] if blocks else None
-        ram = self.settings.ram_cache_tokens > 0
+        taking = 0 if slot_copy else sum(other.weight for other in backend.leases if other.new_copy) + weight
         self.index.slot_taken(
-            backend.name, first_block, reused_copy=slot_copy, taking=taking, ram_cache=ram,
-            in_use=lambda block: len(self._copy_users(backend, block)),
+            backend.name, blocks[0] if blocks else None, reused_copy=slot_copy, taking=taking,
+            in_use=lambda block: len(self._copy_users(backend, block)), ram_cache=self.settings.ram_cache_tokens > 0,
         )  # fmt: skip
         lease.prompt_chars = waiter.prompt.chars
         lease.prompt_tokens = prompt_tokens
