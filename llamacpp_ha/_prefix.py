@@ -157,34 +157,29 @@ class PrefixIndex:
         entry = self._backends.get(backend)
         return entry is not None and first_block in entry.saved
 
-    def task_started(self, backend: str, first_block: bytes | None, *, reused_copy: bool) -> None:
-        """A task starts on the backend: llama-server saves the idle slots to its RAM cache, all
-        but the one the task reuses (``reused_copy``: it holds ``first_block``)."""
-        entry = self._backends.get(backend)
-        if entry is None or not entry.idle:
-            return
-        kept = first_block if reused_copy and first_block in entry.idle else None
-        entry.saved.update(block for block in entry.idle if block != kept)
-        entry.idle = {kept} if kept is not None else set()
-
-    def slot_taken(
+    def task_started(
         self,
         backend: str,
         first_block: bytes | None,
         *,
         reused_copy: bool,
-        taking: int,
-        in_use: InUse,
+        taking: int = 0,
+        in_use: InUse | None = None,
         ram_cache: bool = False,
     ) -> None:
-        """A task starts on the backend. ``reused_copy``: in the slot holding its prompt's beginning,
-        now the most recently used. Otherwise in a slot that held something else: ``taking`` is the
-        slots our running tasks took that way, this one included, and the least recently used
+        """A task starts on the backend. llama-server saves the idle slots to its RAM cache, all but
+        the one the task reuses (``reused_copy``: it holds ``first_block``, now the most recently
+        used). A task that does not reuse one takes a slot that held something else: ``taking`` is
+        the slots our running tasks took that way, this one included, and the least recently used
         idle prompts leave the slots until those fit (``ram_cache``: into the backend's RAM cache;
         ``in_use``: how many copies of a prompt beginning our running tasks use)."""
         entry = self._backends.get(backend)
         if entry is None:
             return
+        if entry.idle:
+            kept = first_block if reused_copy and first_block in entry.idle else None
+            entry.saved.update(block for block in entry.idle if block != kept)
+            entry.idle = {kept} if kept is not None else set()
         if reused_copy and first_block is not None:
             if first_block in entry.slot_order:
                 entry.slot_order.move_to_end(first_block)

@@ -500,6 +500,11 @@ class Scheduler:
             options.append(_Option(backend, matched, held, uncached, prefill_s, score))
         return options
 
+    @property
+    def _ram_cache(self) -> bool:
+        """Whether the backends keep a RAM prompt cache (llama-server's default ``--cache-ram``)."""
+        return self.settings.ram_cache_tokens > 0
+
     def _copy_users(self, backend: Backend, first_block: bytes) -> list[Lease]:
         """Running requests on the backend that reused a copy of this prompt beginning: llama-server
         caches per slot, so each holds its copy until it ends, and a second request with the same
@@ -665,17 +670,16 @@ class Scheduler:
         slot_copy = bool(blocks) and self._slot_copy_free(backend, blocks[0])
         # Without a free slot copy, llama-server moves the RAM cache's copy into the slot it takes.
         from_ram = bool(blocks) and not slot_copy and self.index.take_saved(backend.name, blocks[0])
-        self.index.task_started(backend.name, blocks[0] if blocks else None, reused_copy=slot_copy)
-        matched = self.index.match(backend.name, blocks) if slot_copy or from_ram else 0
-        held = self.index.held_bytes(backend.name, waiter.prompt.marks, matched, self.settings.block_bytes)
-        lease.new_copy = matched == 0 or from_ram
         # Slots our running tasks took without holding their prompts (this one's included): the
         # prompts they held before are overwritten.
         taking = 0 if slot_copy else sum(other.weight for other in backend.leases if other.new_copy) + weight
-        self.index.slot_taken(
+        self.index.task_started(
             backend.name, blocks[0] if blocks else None, reused_copy=slot_copy, taking=taking,
-            in_use=lambda block: len(self._copy_users(backend, block)), ram_cache=self.settings.ram_cache_tokens > 0,
+            in_use=lambda block: len(self._copy_users(backend, block)), ram_cache=self._ram_cache,
         )  # fmt: skip
+        matched = self.index.match(backend.name, blocks) if slot_copy or from_ram else 0
+        held = self.index.held_bytes(backend.name, waiter.prompt.marks, matched, self.settings.block_bytes)
+        lease.new_copy = matched == 0 or from_ram
         lease.prompt_chars = waiter.prompt.chars
         lease.prompt_tokens = prompt_tokens
         lease.expected_cached_tokens = min(prompt_tokens - 1, held * tokens_per_char)
@@ -742,7 +746,7 @@ class Scheduler:
         if lease.blocks:
             self._forget_running(lease)
             # The slot that served it now holds its prompt, and can serve what shares it.
-            ram = self.settings.ram_cache_tokens > 0
+            ram = self._ram_cache
             self.index.insert(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy, ram_cache=ram)
             if self.shared is not None:
                 self.shared.indexed(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy, ram_cache=ram)

@@ -209,13 +209,13 @@ def test_a_task_taking_a_slot_overwrites_an_idle_one_never_one_in_use() -> None:
     for n in (1, 2, 3):
         index.insert("a", blocks(n, 10))
     # A request reuses the first prompt's slot: it is processing, and the most recently used.
-    index.slot_taken("a", first, reused_copy=True, taking=0, in_use=lambda block: int(block == first))
+    index.task_started("a", first, reused_copy=True, taking=0, in_use=lambda block: int(block == first))
     # Two tasks take slots that do not hold their prompts: the idle ones go, least recent first.
-    index.slot_taken("a", None, reused_copy=False, taking=1, in_use=lambda block: int(block == first))
+    index.task_started("a", None, reused_copy=False, taking=1, in_use=lambda block: int(block == first))
     assert (index.copies("a", first), index.copies("a", second), index.copies("a", third)) == (1, 0, 1)
-    index.slot_taken("a", None, reused_copy=False, taking=2, in_use=lambda block: 1)
+    index.task_started("a", None, reused_copy=False, taking=2, in_use=lambda block: 1)
     assert index.copies("a", third) == 1, "every prompt left is in use: no slot of theirs is taken"
-    index.slot_taken("a", None, reused_copy=False, taking=2, in_use=lambda block: int(block == first))
+    index.task_started("a", None, reused_copy=False, taking=2, in_use=lambda block: int(block == first))
     assert (index.match("a", blocks(1, 10)), index.match("a", blocks(3, 10))) == (10, 0)
     index.clear("a")
     assert index.copies("a", first) == 0
@@ -227,7 +227,7 @@ def test_with_a_ram_cache_a_prompt_overwritten_in_its_slot_is_saved_there() -> N
     index.set_slots("a", 1)
     first = blocks(1, 1)[0]
     index.insert("a", blocks(1, 10), ram_cache=True)
-    index.slot_taken("a", blocks(2, 1)[0], reused_copy=False, taking=1, in_use=lambda block: 0, ram_cache=True)
+    index.task_started("a", blocks(2, 1)[0], reused_copy=False, taking=1, in_use=lambda block: 0, ram_cache=True)
     assert index.copies("a", first) == 0
     assert index.saved("a", first)
     assert index.match("a", blocks(1, 10)) == 10, "the RAM cache holds it"
