@@ -185,7 +185,8 @@ def summarize(load: float, name: str, trace: Trace, records: list[Record], speed
 
 async def run_cell(trace: Trace, name: str, urls: list[str], args: argparse.Namespace) -> tuple[list[Record], float]:
     strategy = make_strategy(name)
-    await strategy.start(urls)
+    # The simulated fleet runs --speedup times faster than real time: so do the balancer's limits.
+    await strategy.start(urls, time_scale=1.0 if args.backends else args.speedup)
     try:
         deadline = max(30.0, args.duration * 4)
         return await replay(trace, strategy, args.speedup, deadline)

@@ -21,9 +21,11 @@ class Strategy:
     name = ""
     description = ""
 
-    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None) -> None:
+    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None, time_scale: float = 1.0) -> None:
         """``ram_cache_tokens``: what each backend's RAM prompt cache holds, as an operator would
-        configure it for llamacpp-ha (None: its default, llama-server's default ``--cache-ram``)."""
+        configure it for llamacpp-ha (None: its default, llama-server's default ``--cache-ram``).
+        ``time_scale``: how much faster than real time the backends run (a simulation sped up):
+        the balancer's time limits are divided by it, so that they act as they would in real time."""
         raise NotImplementedError
 
     def stream(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[httpx2.Response]:
@@ -45,7 +47,7 @@ class _Immediate(Strategy):
         self._in_flight: list[int] = []
         self._turn = 0
 
-    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None) -> None:
+    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None, time_scale: float = 1.0) -> None:
         self._clients = [httpx2.AsyncClient(base_url=url, timeout=600, limits=_LIMITS) for url in urls]
         self._in_flight = [0] * len(urls)
 
@@ -95,7 +97,7 @@ class Balanced(Strategy):
         self.description = description
         self._client: HAAsyncClient | None = None
 
-    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None) -> None:
+    async def start(self, urls: list[str], *, ram_cache_tokens: int | None = None, time_scale: float = 1.0) -> None:
         config = BalancerConfig(
             backends=[BackendConfig(url=url) for url in urls],
             policy=self._policy,  # type: ignore[arg-type]
@@ -105,6 +107,14 @@ class Balanced(Strategy):
         )
         if ram_cache_tokens is not None:
             config = config.model_copy(update={"ram_cache_tokens": ram_cache_tokens})
+        if time_scale != 1.0:
+            backlog = config.prefill_backlog_s
+            config = config.model_copy(
+                update={
+                    "patience_max_s": config.patience_max_s / time_scale,
+                    "prefill_backlog_s": None if backlog is None else backlog / time_scale,
+                }
+            )
         self._client = ha_client(config, timeout=600)
         await self._client.balancer.start()
 
