@@ -2,7 +2,10 @@
 
     python -m bench.fleet [--loads 0.5,0.8,0.95,1.2] [--duration 12] [--speedup 8]
                           [--backends-count 4 --slots 4] [--heterogeneous] [--strategies ...]
-    python -m bench.fleet --backends http://gpu-1:8080,http://gpu-2:8080   # real llama-servers
+    python -m bench.fleet --backends http://gpu-1:8080,http://gpu-2:8080 --model NAME --speedup 1
+
+(the second against real llama-servers, in real time; they keep their caches from cell to cell,
+so run one strategy per fresh fleet).
 
 Each (load, strategy) cell starts a fresh fleet (empty caches), replays the same seeded trace
 (multi-turn sessions with think time, tenants with long system prompts, one-shots; Poisson
@@ -34,6 +37,7 @@ from .strategies import STRATEGIES, Strategy, make_strategy
 from .workload import CALIBRATION, Session, Trace, make_trace
 
 RESULTS = Path(__file__).parent / "results"
+SIM_MODEL = "tiny-random-llama"
 
 
 @dataclass
@@ -103,7 +107,9 @@ async def one_request(strategy: Strategy, body: dict[str, Any], clock: asyncio.A
     return record
 
 
-async def replay(trace: Trace, strategy: Strategy, speedup: float, deadline_s: float) -> tuple[list[Record], float]:
+async def replay(
+    trace: Trace, strategy: Strategy, speedup: float, deadline_s: float, model: str = SIM_MODEL
+) -> tuple[list[Record], float]:
     loop = asyncio.get_running_loop()
     started = loop.time()
     records: list[Record] = []
@@ -112,7 +118,7 @@ async def replay(trace: Trace, strategy: Strategy, speedup: float, deadline_s: f
         await asyncio.sleep(max(0.0, started + session.start_s / speedup - loop.time()))
         for turn in range(len(session.user_messages)):
             body = {
-                "model": "tiny-random-llama", "messages": session.messages(turn), "max_tokens": session.max_tokens,
+                "model": model, "messages": session.messages(turn), "max_tokens": session.max_tokens,
                 "stream": True, "stream_options": {"include_usage": True}, "seed": index * 10 + turn,
             }  # fmt: skip
             records.append(await one_request(strategy, body, loop))
@@ -189,7 +195,7 @@ async def run_cell(trace: Trace, name: str, urls: list[str], args: argparse.Name
     await strategy.start(urls, time_scale=1.0 if args.backends else args.speedup)
     try:
         deadline = max(30.0, args.duration * 4)
-        return await replay(trace, strategy, args.speedup, deadline)
+        return await replay(trace, strategy, args.speedup, deadline, args.model)
     finally:
         await strategy.close()
 
@@ -307,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heterogeneous", action="store_true", help="half the backends at 60%% speed")
     parser.add_argument("--backends", help="comma-separated real llama-server URLs instead of simulated ones")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--model", default=SIM_MODEL, help="the model name requests ask for (real backends: theirs)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.backends:
