@@ -181,8 +181,7 @@ class PrefixIndex:
             entry.saved.update(block for block in entry.idle if block != kept)
             entry.idle = {kept} if kept is not None else set()
         if reused_copy and first_block is not None:
-            if first_block in entry.slot_order:
-                entry.slot_order.move_to_end(first_block)
+            self._touch_slot(entry, first_block)
         elif entry.slots and entry.in_slots + taking > entry.slots:
             self._fit_slots(backend, entry, taking, ram_cache, in_use)
 
@@ -221,8 +220,8 @@ class PrefixIndex:
         held = entry.blocks
         if blocks and (new_copy or blocks[0] not in held):
             self._add_copy(entry, blocks[0])
-        elif blocks and blocks[0] in entry.slot_order:
-            entry.slot_order.move_to_end(blocks[0])
+        elif blocks:
+            self._touch_slot(entry, blocks[0])
         if blocks and ram_cache:
             entry.idle.add(blocks[0])
         for block in reversed(blocks):
@@ -282,6 +281,12 @@ class PrefixIndex:
             self._drop_holder(mark, backend)
 
     @staticmethod
+    def _touch_slot(entry: _BackendBlocks, first_block: bytes) -> None:
+        """A slot holding a prompt with this beginning was just used: it is overwritten last."""
+        if first_block in entry.slot_order:
+            entry.slot_order.move_to_end(first_block)
+
+    @staticmethod
     def _add_copy(entry: _BackendBlocks, first_block: bytes) -> None:
         entry.copies[first_block] = entry.copies.get(first_block, 0) + 1
         entry.in_slots += 1
@@ -292,8 +297,8 @@ class PrefixIndex:
         self, backend: str, entry: _BackendBlocks, taking: int, ram_cache: bool, in_use: InUse | None = None
     ) -> None:
         """Overwrite the least recently used idle slots until the prompts in slots and the ``taking``
-        tasks fit in the backend's slots, which are known (``in_use``: how many copies of a prompt beginning running
-        tasks use; llama-server never takes a slot that is processing)."""
+        tasks fit in the backend's (known) slots. ``in_use``: how many copies of a prompt beginning
+        running tasks use; llama-server never takes a slot that is processing."""
         excess = entry.in_slots + taking - entry.slots
         for first_block in list(entry.slot_order):
             if excess <= 0:
