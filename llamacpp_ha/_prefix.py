@@ -185,12 +185,13 @@ class PrefixIndex:
         elif entry.slots and entry.in_slots + taking > entry.slots:
             self._fit_slots(backend, entry, taking, ram_cache, in_use)
 
-    def untracked_prompt(self, backend: str) -> None:
-        """A prompt shorter than one block was served there: its slot holds it now."""
+    def untracked_prompt(self, backend: str, *, ram_cache: bool = False) -> None:
+        """A prompt shorter than one block was served there: its slot holds it now (the prompt it
+        overwrote is gone, or with ``ram_cache`` saved there)."""
         entry = self._entry(backend)
         self._add_copy(entry, _UNTRACKED)
         if entry.slots and entry.in_slots > entry.slots:
-            self._fit_slots(backend, entry, 0, False)
+            self._fit_slots(backend, entry, 0, ram_cache)
 
     def take_saved(self, backend: str, first_block: bytes) -> bool:
         """A request is sent there that will load the saved copy into its slot; whether there was one."""

@@ -751,7 +751,7 @@ class Scheduler:
             if self.shared is not None:
                 self.shared.indexed(backend.name, lease.blocks, lease.end, new_copy=lease.new_copy, ram_cache=ram)
         else:
-            self.index.untracked_prompt(backend.name)
+            self.index.untracked_prompt(backend.name, ram_cache=self._ram_cache)
         self._learn(lease)
         self.dispatch()
 

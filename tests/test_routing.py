@@ -233,6 +233,9 @@ def test_with_a_ram_cache_a_prompt_overwritten_in_its_slot_is_saved_there() -> N
     assert index.match("a", blocks(1, 10)) == 10, "the RAM cache holds it"
     index.insert("a", blocks(2, 10), ram_cache=True)
     assert index.take_saved("a", first)
+    index.untracked_prompt("a", ram_cache=True)  # a prompt shorter than a block overwrites it too
+    assert index.saved("a", blocks(2, 1)[0])
+    assert index.match("a", blocks(2, 10)) == 10
 
 
 def test_timings_are_read_from_the_tail_of_a_body() -> None:
