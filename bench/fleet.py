@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx2
 
-from llamacpp_ha.sim import SimProcess
+from llamacpp_ha.sim import SimProcess, free_ports
 
 from .strategies import STRATEGIES, Strategy, make_strategy
 from .workload import CALIBRATION, Session, Trace, make_trace
@@ -138,11 +138,11 @@ async def replay(
 @contextlib.contextmanager
 def simulated_fleet(count: int, slots: int, speedup: float, heterogeneous: bool) -> Iterator[list[SimProcess]]:
     sims = []
-    for i in range(count):
+    for i, port in enumerate(free_ports(count)):
         speed = 0.6 if heterogeneous and i >= count // 2 else 1.0
         sims.append(
             SimProcess(
-                slots=slots, n_ctx=16384, default_max_tokens=64,
+                port=port, slots=slots, n_ctx=16384, default_max_tokens=64,
                 prefill_tokens_per_s=CALIBRATION["prefill_tokens_per_s"] * speedup * speed,
                 decode_tokens_per_s=CALIBRATION["decode_tokens_per_s"] * speedup * speed,
                 prefill_slows_decode=CALIBRATION["prefill_slows_decode"],

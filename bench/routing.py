@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamacpp_ha.sim import SimConfig, SimProcess
+from llamacpp_ha.sim import SimConfig, SimProcess, free_ports
 
 from .fleet import Record, deferred_total, one_request, percentile, write_results
 from .strategies import Strategy, make_strategy
@@ -156,12 +156,12 @@ def simulated_fleet(args: argparse.Namespace, slots: int, n_ctx: int) -> Iterato
     curve = base.prefill_curve_ms
     assert curve is not None
     sims = [
-        SimProcess(**SimConfig.profile(
+        SimProcess(port=port, **SimConfig.profile(
             "gpu-8b", slots=slots, n_ctx=n_ctx, model=SIM_MODEL + ".gguf", default_max_tokens=64, cache_ram_mib=0,
             prefill_curve_ms=tuple(x / args.speedup for x in curve),
             decode_tokens_per_s=base.decode_tokens_per_s * args.speedup,
         ).model_dump()).launch()
-        for _ in range(args.backends_count)
+        for port in free_ports(args.backends_count)
     ]  # fmt: skip
     try:
         for sim in sims:

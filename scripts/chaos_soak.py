@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx2
 
 from llamacpp_ha import BackendConfig, BalancerConfig, ha_client
-from llamacpp_ha.sim import SimProcess, free_port
+from llamacpp_ha.sim import SimProcess, free_port, free_ports
 
 
 async def one(client: httpx2.AsyncClient, rng: random.Random, outcomes: Counter[str], cancel_share: float) -> None:
@@ -97,7 +97,10 @@ async def busy_everywhere(urls: list[str]) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
-    sims = [SimProcess(slots=2, decode_tokens_per_s=400, prefill_tokens_per_s=50_000).launch() for _ in range(3)]
+    sims = [
+        SimProcess(port=port, slots=2, decode_tokens_per_s=400, prefill_tokens_per_s=50_000).launch()
+        for port in free_ports(3)
+    ]
     for sim in sims:
         sim.wait_ready()
     urls = [sim.url for sim in sims]

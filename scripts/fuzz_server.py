@@ -38,7 +38,7 @@ from pathlib import Path
 import h11
 
 from llamacpp_ha._routes import ROUTES
-from llamacpp_ha.sim import SimProcess, free_port
+from llamacpp_ha.sim import SimProcess, free_port, free_ports
 
 ANSWER_WITHIN_S = 10.0
 MODEL = "tiny-random-llama"
@@ -218,7 +218,10 @@ def _judge(method: str, status: int | None, headers: dict[bytes, bytes], body: b
 
 
 async def run(args: argparse.Namespace) -> int:
-    sims = [SimProcess(slots=4, decode_tokens_per_s=2000, prefill_tokens_per_s=200_000).launch() for _ in range(2)]
+    sims = [
+        SimProcess(port=port, slots=4, decode_tokens_per_s=2000, prefill_tokens_per_s=200_000).launch()
+        for port in free_ports(2)
+    ]
     server: subprocess.Popen[bytes] | None = None
     try:
         for sim in sims:

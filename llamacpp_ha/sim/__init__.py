@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._app import SimFaults, SimulatedLlamaServer
 from ._config import SimConfig
 from ._router import SimulatedLlamaRouter
-from ._server import SimProcess, SimServer, free_port
+from ._server import SimProcess, SimServer, free_port, free_ports
 
 __all__ = [
     "SimConfig",
@@ -15,4 +15,5 @@ __all__ = [
     "SimulatedLlamaRouter",
     "SimulatedLlamaServer",
     "free_port",
+    "free_ports",
 ]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from ._config import SimConfig
 from ._http import http_protocol
 from ._router import SimulatedLlamaRouter
 
-__all__ = ["SimProcess", "SimServer", "free_port"]
+__all__ = ["SimProcess", "SimServer", "free_port", "free_ports"]
 
 _HOST = "127.0.0.1"
 
@@ -30,10 +31,21 @@ _App = TypeVar("_App", SimulatedLlamaServer, SimulatedLlamaRouter, default=Simul
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports on 127.0.0.1 that nothing listens on right now.
+
+    Each is held while the next is chosen: the kernel hands a port just released out again, and two
+    backends launched together on one port would make two URLs for one server."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind((_HOST, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 class SimServer(Generic[_App]):
