@@ -91,8 +91,10 @@ class LeastConnectionsImmediate(_Immediate):
 class Balanced(Strategy):
     """llamacpp-ha in-process: slot-aware global queue with one of its policies."""
 
-    def __init__(self, policy: str, name: str, description: str) -> None:
+    def __init__(self, policy: str, name: str, description: str, **settings: Any) -> None:
         self._policy = policy
+        self._settings = settings
+        """Balancer settings that differ from the defaults (``BalancerConfig`` fields)."""
         self.name = name
         self.description = description
         self._client: HAAsyncClient | None = None
@@ -104,6 +106,7 @@ class Balanced(Strategy):
             queue_timeout_s=600,
             max_queue=100_000,
             poll_interval_s=0.5,
+            **self._settings,
         )
         if ram_cache_tokens is not None:
             config = config.model_copy(update={"ram_cache_tokens": ram_cache_tokens})
@@ -148,6 +151,13 @@ STRATEGIES = {
     ),
     "least_busy": lambda: Balanced("least_busy", "least_busy", "llamacpp-ha, least_busy policy"),
     "affinity": lambda: Balanced("affinity", "affinity", "llamacpp-ha, affinity-first with load guard (default)"),
+    "in_order": lambda: Balanced(
+        "affinity",
+        "in_order",
+        "llamacpp-ha, default policy in arrival order (patience_max_s 0, prefill_backlog_s null)",
+        patience_max_s=0.0,
+        prefill_backlog_s=None,
+    ),
 }
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import pytest
 
 from bench import fleet, overhead, routing, scheduler
 
@@ -70,3 +73,24 @@ def test_benchmark_filler_is_one_simulator_token_a_word_and_deterministic_by_pre
     assert words("p3x", 600) == text
     assert text.startswith(words("p3x", 200) + " "), "a shorter run of one tag is its prefix (trace blocks)"
     assert words("p4x", 600)[:512] != text[:512], "another tag shares no first block"
+
+
+@pytest.mark.anyio
+async def test_the_in_order_strategy_runs_the_default_policy_without_waiting() -> None:
+    from bench.strategies import make_strategy
+    from llamacpp_ha.sim import SimServer
+
+    with SimServer(slots=1, decode_tokens_per_s=math.inf, prefill_tokens_per_s=math.inf) as sim:
+        strategy = make_strategy("in_order")
+        await strategy.start([sim.url], time_scale=8.0)
+        try:
+            assert strategy._client is not None  # type: ignore[attr-defined]
+            config = strategy._client.balancer.config  # type: ignore[attr-defined]
+            assert (config.policy, config.patience_max_s, config.prefill_backlog_s) == ("affinity", 0.0, None)
+            messages = [{"role": "user", "content": "hi"}]
+            body = {"model": "tiny-random-llama", "messages": messages, "stream": True, "max_tokens": 2}
+            async with strategy.stream(body) as response:
+                assert response.status_code == 200
+                await response.aread()
+        finally:
+            await strategy.close()
