@@ -6,6 +6,7 @@ counts return to where they were.
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import anyio
@@ -16,6 +17,7 @@ from llamacpp_ha._leases import Lease, Timings
 from llamacpp_ha._prefix import PrefixIndex
 from llamacpp_ha._prompt import PromptShape, prompt_shape
 from llamacpp_ha._queue import Grant, Waiter, WaiterState
+from llamacpp_ha._scheduler import _jump
 
 pytestmark = pytest.mark.anyio
 
@@ -236,6 +238,27 @@ def test_with_a_ram_cache_a_prompt_overwritten_in_its_slot_is_saved_there() -> N
     index.untracked_prompt("a", ram_cache=True)  # a prompt shorter than a block overwrites it too
     assert index.saved("a", blocks(2, 1)[0])
     assert index.match("a", blocks(2, 10)) == 10
+
+
+def test_homes_spread_evenly_and_a_backend_added_takes_keys_from_the_others_only() -> None:
+    keys = [
+        int.from_bytes(hashlib.blake2b(i.to_bytes(4, "little"), digest_size=8).digest(), "little")
+        for i in range(20_000)
+    ]
+    before = [_jump(key, 10) for key in keys]
+    counts = [before.count(bucket) for bucket in range(10)]
+    assert min(counts) > 0.9 * 2_000
+    assert max(counts) < 1.1 * 2_000
+    after = [_jump(key, 11) for key in keys]
+    moved = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    assert all(new == 10 for _, new in moved)  # only to the new backend
+    assert 0.8 * 20_000 / 11 < len(moved) < 1.2 * 20_000 / 11
+
+
+def test_prompts_cached_nowhere_have_homes_on_every_backend() -> None:
+    made = balancer(*[1] * 8)
+    homes = {made.scheduler._home_of(prompt(conversation, 1).blocks[0]).name for conversation in range(400)}
+    assert homes == {backend.name for backend in made.backends}
 
 
 def test_timings_are_read_from_the_tail_of_a_body() -> None:
