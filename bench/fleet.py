@@ -189,13 +189,17 @@ def summarize(load: float, name: str, trace: Trace, records: list[Record], speed
     )  # fmt: skip
 
 
-async def run_cell(trace: Trace, name: str, urls: list[str], args: argparse.Namespace) -> tuple[list[Record], float]:
+async def run_cell(
+    trace: Trace, name: str, urls: list[str], args: argparse.Namespace
+) -> tuple[list[Record], float, dict[str, Any]]:
+    """The cell's records, its wall time and what the strategy reports of itself (our balancer's counters)."""
     strategy = make_strategy(name)
     # The simulated fleet runs --speedup times faster than real time: so do the balancer's limits.
     await strategy.start(urls, time_scale=1.0 if args.backends else args.speedup)
     try:
         deadline = max(30.0, args.duration * 4)
-        return await replay(trace, strategy, args.speedup, deadline, args.model)
+        records, wall = await replay(trace, strategy, args.speedup, deadline, args.model)
+        return records, wall, strategy.report()
     finally:
         await strategy.close()
 
@@ -289,9 +293,10 @@ async def main_async(args: argparse.Namespace) -> list[Cell]:
                         simulated_fleet(args.backends_count, args.slots, args.speedup, args.heterogeneous)
                     )
                     urls = [sim.url for sim in sims]
-                records, wall = await run_cell(trace, name, urls, args)
+                records, wall, report = await run_cell(trace, name, urls, args)
                 deferred = await asyncio.to_thread(deferred_total, urls)
             cells.append(summarize(load, name, trace, records, args.speedup, wall, deferred))
+            cells[-1].extra = report
             c = cells[-1]
             print(
                 f"[{len(cells)}/{total} {time.monotonic() - started:5.0f}s] load {load:.0%} {name:<11} "

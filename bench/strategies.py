@@ -140,6 +140,11 @@ class Balanced(Strategy):
             "cached_share": counters.cached_tokens / prompt,
             "expected_cached_share": counters.expected_cached_tokens / prompt,
             "ttft_prediction_error_s": counters.ttft_prediction_error_s / max(1, counters.ttft_predictions),
+            "parked": counters.parked,
+            "parked_wait_vs_predicted": counters.parked_wait_s / counters.parked_wait_predicted_s
+            if counters.parked_wait_predicted_s
+            else None,
+            "patience_ran_out": counters.patience_ran_out,
         }
 
 

@@ -86,9 +86,11 @@ class Waiter:
         "excluded",
         "grant",
         "model",
+        "parked_at",
         "parked_on",
         "patience_spent",
         "pin",
+        "predicted_wait_s",
         "prompt",
         "saved_bytes",
         "seq",
@@ -123,6 +125,10 @@ class Waiter:
         waiter that saves the most first, then the oldest."""
         self.patience_spent = False
         """It waited for a busy backend once already: from now on it is served in arrival order."""
+        self.parked_at: float | None = None
+        """When it began waiting for a busy backend (it waits for one at most once)."""
+        self.predicted_wait_s = 0.0
+        """How long that wait was predicted to last, when it began."""
 
     @property
     def waiting(self) -> bool:
@@ -270,13 +276,16 @@ class WaitQueue:
             heapq.heappop(self._patience)
         return self._patience[0][0] if self._patience else None
 
-    def end_patience(self, now: float) -> None:
-        """Parked waiters whose patience ran out go back to arrival order."""
+    def end_patience(self, now: float) -> int:
+        """Parked waiters whose patience ran out go back to arrival order; returns how many."""
         patience = self._patience
+        ended = 0
         while patience and (patience[0][0] <= now or patience[0][2].state is not WaiterState.PARKED):
             _, _, waiter = heapq.heappop(patience)
             if waiter.state is WaiterState.PARKED:
                 self._unpark(waiter)
+                ended += 1
+        return ended
 
     def unpark_all(self, backend: str) -> None:
         """The backend can no longer serve: its parked waiters go back to arrival order."""

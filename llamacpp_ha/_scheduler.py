@@ -220,7 +220,7 @@ class Scheduler:
         if not len(queue):
             return
         now = time.monotonic()
-        queue.end_patience(now)
+        self._stats.patience_ran_out += queue.end_patience(now)
         # Built once per call and kept up to date as slots are granted: a dispatch after one
         # released slot costs one pass over the backends, not one per loop turn.
         self._reopen_gated(now)
@@ -456,10 +456,10 @@ class Scheduler:
         plan = self._best_wait(waiter, baseline, now)
         if plan is None:
             return
-        held, behind, _ = plan
+        held, behind, _, wait_s = plan
         # No clock yet: waiting costs it nothing while no slot is free anywhere. Its patience
         # starts when a slot it could have had stays free (see dispatch).
-        self._queue.park(waiter, held.backend.name, held.held_bytes, None, behind=behind)
+        self._park(waiter, held.backend.name, held.held_bytes, None, now, wait_s, behind=behind)
 
     def _squeeze_in(self, waiter: Waiter, now: float) -> bool:
         """A request whose uncached prefill is short goes to a backend its backlog closed, if one has
@@ -560,7 +560,8 @@ class Scheduler:
             target = self._busy_target(waiter, pinned)
             if patient and target is not None:
                 until = min(now + self.settings.patience_max_s, waiter.deadline)
-                self._queue.park(waiter, pinned, waiter.prompt.chars, until)  # its conversation is cached there
+                wait_s = self.cost.slot_wait_s(target, self._queue.parked_count(pinned))
+                self._park(waiter, pinned, waiter.prompt.chars, until, now, wait_s)  # its conversation is cached there
                 return None
             return best.backend
         if not patient or not waiter.prompt.blocks:
@@ -568,16 +569,24 @@ class Scheduler:
         plan = self._best_wait(waiter, best, now)
         if plan is None:
             return best.backend
-        held, behind, saving_s = plan
+        held, behind, saving_s, wait_s = plan
         until = min(now + saving_s, now + self.settings.patience_max_s, waiter.deadline)
-        self._queue.park(waiter, held.backend.name, held.held_bytes, until, behind=behind)
+        self._park(waiter, held.backend.name, held.held_bytes, until, now, wait_s, behind=behind)
         return None
 
-    def _best_wait(self, waiter: Waiter, best: _Option, now: float) -> tuple[_Option, int | None, float] | None:
+    def _park(
+        self, waiter: Waiter, backend: str, saved_bytes: int, until: float | None, now: float, wait_s: float,
+        *, behind: int | None = None,
+    ) -> None:  # fmt: skip
+        waiter.parked_at = now
+        waiter.predicted_wait_s = wait_s
+        self._queue.park(waiter, backend, saved_bytes, until, behind=behind)
+
+    def _best_wait(self, waiter: Waiter, best: _Option, now: float) -> tuple[_Option, int | None, float, float] | None:
         """Whether waiting beats ``best``: for a full backend holding more of the prompt, or for a
         running request whose slot will hold more of it when it finishes. Returns the option, the
-        running request's id (or None) and the predicted saving."""
-        plans: list[tuple[float, _Option, int | None, float]] = []
+        running request's id (or None), the predicted saving and the predicted wait."""
+        plans: list[tuple[float, _Option, int | None, float, float]] = []
         # A wait predicted longer than the patience cap ends before it pays off: not a plan.
         cap = self.settings.patience_max_s
         held = self._deepest_busy_holder(waiter, best, now)
@@ -585,18 +594,18 @@ class Scheduler:
             saving_s = best.score - held.score
             wait_s = self.cost.slot_wait_s(held.backend, self._queue.parked_count(held.backend.name))
             if wait_s <= cap:
-                plans.append((saving_s - wait_s, held, None, saving_s))
+                plans.append((saving_s - wait_s, held, None, saving_s, wait_s))
         running = self._running_holder(waiter, best, now)
         if running is not None:
             lease, option = running
             saving_s = best.score - option.score
             remaining_s = max(0.0, self.cost.service_s(lease.backend) - (now - lease.acquired_at))
             if remaining_s <= cap:
-                plans.append((saving_s - remaining_s, option, id(lease), saving_s))
+                plans.append((saving_s - remaining_s, option, id(lease), saving_s, remaining_s))
         if not plans:
             return None
-        gain, option, behind, saving_s = max(plans, key=lambda plan: plan[0])
-        return (option, behind, saving_s) if gain >= _MIN_SAVING_S else None
+        gain, option, behind, saving_s, wait_s = max(plans, key=lambda plan: plan[0])
+        return (option, behind, saving_s, wait_s) if gain >= _MIN_SAVING_S else None
 
     def _running_holder(self, waiter: Waiter, best: _Option, now: float) -> tuple[Lease, _Option] | None:
         """The running request whose prompt shares the most with this one, beyond ``best``'s match."""
@@ -700,6 +709,11 @@ class Scheduler:
         lease.loads_model = backend.state is BackendState.UNLOADED
         lease.affinity = self._affinity_outcome(waiter, backend, matched)
         self._typical_wait_s += _WAIT_ALPHA * ((now - waiter.enqueued_at) - self._typical_wait_s)
+        if waiter.parked_at is not None:
+            self._stats.parked += 1
+            self._stats.parked_wait_s += now - waiter.parked_at
+            self._stats.parked_wait_predicted_s += waiter.predicted_wait_s
+            waiter.parked_at = None  # (a grant shared mode refuses is made again: counted once)
         if waiter.pin is not None:
             self._affinity.set(waiter.pin, backend.name)
             if self.shared is not None:

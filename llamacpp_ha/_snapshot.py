@@ -47,6 +47,13 @@ class Counters(BaseModel):
     expected_cached_tokens: float
     ttft_predictions: int
     ttft_prediction_error_s: float
+    parked: int
+    """Requests that waited for a busy backend holding their prompt (counted at their grant)."""
+    parked_wait_s: float
+    """Sum of those waits: against ``parked_wait_predicted_s``, whether waiting for caches pays."""
+    parked_wait_predicted_s: float
+    patience_ran_out: int
+    """Of the waits for a busy backend, those that reached their patience."""
 
 
 class BackendSnapshot(BaseModel):

@@ -42,6 +42,15 @@ class Stats:
     ttft_predictions: int = 0
     ttft_prediction_error_s: float = 0.0
     """Sum of |predicted - actual| time from dispatch to the first byte."""
+    parked: int = 0
+    """Requests that waited for a busy backend holding their prompt instead of taking a free slot
+    elsewhere, or finding none, queued for it (counted when they were granted a slot)."""
+    parked_wait_s: float = 0.0
+    """Sum of how long those requests waited, from the decision to wait to their grant."""
+    parked_wait_predicted_s: float = 0.0
+    """Sum of how long those waits were predicted to last when they began."""
+    patience_ran_out: int = 0
+    """Waits for a busy backend that reached their patience: the request went back to arrival order."""
 
     def record_wait(self, waited_s: float) -> None:
         self.queue_wait_total_s += waited_s

@@ -469,9 +469,16 @@ async def test_a_request_waits_for_the_busy_backend_holding_its_long_prefix() ->
     entry = submit(made, shape)  # the other backend is free, but would prefill it all
     assert entry.state is WaiterState.PARKED
     assert entry.parked_on == home
+    await anyio.sleep(0.01)
     holder.grant.result().release()  # the slot frees: it picks the parked request
     assert granted(entry) == home
     assert entry.grant.result().affinity == "hit"
+    # The operator sees the wait for a cache, and what it was predicted to take.
+    counters = made.snapshot().counters
+    assert counters.parked == 1
+    assert 0.01 <= counters.parked_wait_s < 5
+    assert counters.parked_wait_predicted_s == pytest.approx(0.5)  # one slot, nobody ahead of it
+    assert counters.patience_ran_out == 0
     release_all(made)
 
 
@@ -651,6 +658,10 @@ async def test_patience_ends_and_a_free_slot_elsewhere_serves_the_request() -> N
         group.cancel_scope.cancel()
     assert granted(entry) != home
     assert 0.15 <= time.monotonic() - started < 1.5
+    counters = made.snapshot().counters
+    assert (counters.parked, counters.patience_ran_out) == (1, 1)
+    assert counters.parked_wait_s >= 0.15  # it waited its patience, far past the 0.1 s predicted
+    assert counters.parked_wait_predicted_s == pytest.approx(0.1)
     release_all(made)
 
 

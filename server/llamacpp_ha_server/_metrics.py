@@ -123,5 +123,9 @@ class _EngineCollector(Collector):
             ("affinity_misses", counters.affinity_misses, "Requests whose conversation's backend was full."),
             ("queue_timeouts", counters.queue_timeouts, "Requests that waited queue_timeout_s in vain."),
             ("queue_rejections", counters.queue_rejections, "Requests refused because the queue was full."),
+            ("parked", counters.parked, "Requests that waited for a busy backend holding their prompt."),
+            ("parked_wait_seconds", counters.parked_wait_s, "How long those requests waited for it."),
+            ("parked_wait_predicted_seconds", counters.parked_wait_predicted_s, "How long they were predicted to."),
+            ("patience_ran_out", counters.patience_ran_out, "Waits for a busy backend that reached their patience."),
         ):
             yield CounterMetricFamily(f"llamacpp_ha_{name}", help_text, value=value)

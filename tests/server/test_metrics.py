@@ -54,7 +54,10 @@ async def test_metrics_describe_requests_queue_and_backends(sims: Sims, serve: S
         s.value for s in families["llamacpp_ha_time_to_first_byte_seconds"].samples if s.name.endswith("_count")
     )
     assert ttfb_count == 4  # the 404 has a body too
-    for name in ("llamacpp_ha_retries", "llamacpp_ha_affinity_hits", "llamacpp_ha_affinity_misses"):
+    for name in (
+        "llamacpp_ha_retries", "llamacpp_ha_affinity_hits", "llamacpp_ha_affinity_misses", "llamacpp_ha_parked",
+        "llamacpp_ha_parked_wait_seconds", "llamacpp_ha_parked_wait_predicted_seconds", "llamacpp_ha_patience_ran_out",
+    ):  # fmt: skip
         assert name in families
 
 

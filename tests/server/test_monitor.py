@@ -102,6 +102,7 @@ async def test_the_page_draws_every_chart_at_laptop_and_phone_widths(sims: Sims,
         # What routing expected beside what the backends reported, per backend and in the summary.
         assert re.search(r'<td class="cache">\d+% \(\d+%\)</td>', dom), dom[-3000:]
         assert "prompt from cache" in dom
+        assert "waited for a cache" in dom
         with tempfile.TemporaryDirectory() as profile:
             picture = shots / f"monitor-{name}.png"
             await _chromium(f"--window-size={size}", f"--screenshot={picture}", url=url, profile=profile)
