@@ -590,13 +590,13 @@ class Scheduler:
         # A wait predicted longer than the patience cap ends before it pays off: not a plan.
         cap = self.settings.patience_max_s
         held = self._deepest_busy_holder(waiter, best, now)
-        if held is not None:
+        if held is not None and not self._common(waiter, held):
             saving_s = best.score - held.score
             wait_s = self.cost.slot_wait_s(held.backend, self._queue.parked_count(held.backend.name))
             if wait_s <= cap:
                 plans.append((saving_s - wait_s, held, None, saving_s, wait_s))
         running = self._running_holder(waiter, best, now)
-        if running is not None:
+        if running is not None and not self._common(waiter, running[1]):
             lease, option = running
             saving_s = best.score - option.score
             remaining_s = max(0.0, self.cost.service_s(lease.backend) - (now - lease.acquired_at))
@@ -606,6 +606,16 @@ class Scheduler:
             return None
         gain, option, behind, saving_s, wait_s = max(plans, key=lambda plan: plan[0])
         return (option, behind, saving_s, wait_s) if gain >= _MIN_SAVING_S else None
+
+    def _common(self, waiter: Waiter, option: _Option) -> bool:
+        """Whether two backends or more hold what the option holds of the prompt: a common beginning
+        (a tenant's system prompt), which many requests share. Waiting for one busy holder of it
+        lines them all up behind that backend's slots, a wait several times the predicted one
+        (``bench.fleet``), while a prompt held once (a session's history, a long document a few
+        questions share) is worth it."""
+        blocks = waiter.prompt.blocks
+        depth = min(len(blocks), max(1, option.held_bytes // self.settings.block_bytes))
+        return len(self.index.holders(blocks[depth - 1])) >= 2
 
     def _running_holder(self, waiter: Waiter, best: _Option, now: float) -> tuple[Lease, _Option] | None:
         """The running request whose prompt shares the most with this one, beyond ``best``'s match."""

@@ -482,6 +482,23 @@ async def test_a_request_waits_for_the_busy_backend_holding_its_long_prefix() ->
     release_all(made)
 
 
+async def test_a_request_does_not_wait_for_a_prefix_two_busy_backends_hold() -> None:
+    # A common beginning (a tenant's system prompt): lining its requests up behind one of its
+    # holders makes the tail. The free backend serves it, though it must prefill it all.
+    made = balancer(1, 1, 1)
+    holders = [submit(made, prompt(3 + i, 1), excluded=frozenset({"b0", "b1", "b2"} - {name})) for i, name in
+               enumerate(("b0", "b1"))]  # fmt: skip
+    assert [granted(h) for h in holders] == ["b0", "b1"]
+    shape = prompt(1, 200)
+    for name in ("b0", "b1"):
+        made.backend(name).service_s = 0.5  # their slots free soon
+        seed(made, name, shape)
+    entry = submit(made, shape)
+    assert granted(entry) == "b2"
+    assert made.snapshot().counters.parked == 0
+    release_all(made)
+
+
 async def test_with_many_backends_free_a_freed_slot_still_picks_the_request_parked_for_it() -> None:
     # With more backends free than have parked requests, a dispatch looks only at the latter.
     made = balancer(*[4] * 23, 1)
