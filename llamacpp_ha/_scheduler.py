@@ -560,8 +560,8 @@ class Scheduler:
             target = self._busy_target(waiter, pinned)
             if patient and target is not None:
                 until = min(now + self.settings.patience_max_s, waiter.deadline)
-                wait_s = self.cost.slot_wait_s(target, self._queue.parked_count(pinned))
-                self._park(waiter, pinned, waiter.prompt.chars, until, now, wait_s)  # its conversation is cached there
+                # its conversation is cached there
+                self._park(waiter, pinned, waiter.prompt.chars, until, now, self._slot_wait_s(target))
                 return None
             return best.backend
         if not patient or not waiter.prompt.blocks:
@@ -592,7 +592,7 @@ class Scheduler:
         held = self._deepest_busy_holder(waiter, best, now)
         if held is not None and not self._common(waiter, held):
             saving_s = best.score - held.score
-            wait_s = self.cost.slot_wait_s(held.backend, self._queue.parked_count(held.backend.name))
+            wait_s = self._slot_wait_s(held.backend)
             if wait_s <= cap:
                 plans.append((saving_s - wait_s, held, None, saving_s, wait_s))
         running = self._running_holder(waiter, best, now)
@@ -606,6 +606,10 @@ class Scheduler:
             return None
         gain, option, behind, saving_s, wait_s = max(plans, key=lambda plan: plan[0])
         return (option, behind, saving_s, wait_s) if gain >= _MIN_SAVING_S else None
+
+    def _slot_wait_s(self, backend: Backend) -> float:
+        """Predicted wait for a slot of a busy backend, behind the requests already waiting for it."""
+        return self.cost.slot_wait_s(backend, self._queue.parked_count(backend.name))
 
     def _common(self, waiter: Waiter, option: _Option) -> bool:
         """Whether two backends or more hold what the option holds of the prompt: a common beginning
