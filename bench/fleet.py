@@ -5,7 +5,9 @@
     python -m bench.fleet --backends http://gpu-1:8080,http://gpu-2:8080 --model NAME --speedup 1
 
 (the second against real llama-servers, in real time; they keep their caches from cell to cell,
-so run one strategy per fresh fleet).
+so run one strategy per fresh fleet. Their speed is measured first, every slot busy at once, and
+loads are shares of the capacity that gives, not of the calibration's; ``--calibrated`` keeps
+the calibration's).
 
 Each (load, strategy) cell starts a fresh fleet (empty caches), replays the same seeded trace
 (multi-turn sessions with think time, tenants with long system prompts, one-shots; Poisson
@@ -24,7 +26,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ import httpx2
 
 from llamacpp_ha.sim import SimProcess, free_ports
 
+from .speed import measure_speed
 from .strategies import STRATEGIES, Strategy, make_strategy
 from .workload import CALIBRATION, Session, Trace, make_trace
 
@@ -276,9 +279,19 @@ async def main_async(args: argparse.Namespace) -> list[Cell]:
     loads = [float(x) for x in args.loads.split(",")]
     total = len(loads) * len(strategies)
     started = time.monotonic()
+    speed: Mapping[str, float] = CALIBRATION
+    if args.backends and not args.calibrated:
+        speed = await measure_speed(args.backends.split(","), args.model, args.slots)
+        args.measured_speed = dict(speed)  # (written with the results)
+        print(
+            f"backends measured with every slot busy: prefill {speed['prefill_tokens_per_s']:.0f} tokens/s, decode "
+            f"{speed['decode_tokens_per_s']:.1f} tokens/s (calibration: {CALIBRATION['prefill_tokens_per_s']:.0f} and "
+            f"{CALIBRATION['decode_tokens_per_s']:.1f}); loads are shares of their capacity",
+            flush=True,
+        )
     for load in loads:
         trace = make_trace(load=load, duration_s=args.duration * args.speedup, backends=args.backends_count,
-                           slots=args.slots, seed=args.seed)  # fmt: skip
+                           slots=args.slots, seed=args.seed, speed=speed)  # fmt: skip
         print(
             f"load {load:.0%}: {trace.requests} requests at {trace.requests_per_s:.2f}/s (capacity "
             f"{trace.capacity_per_s:.2f}/s with cache reuse, {trace.notes['cold_capacity_per_s']:.2f}/s all cold)",
@@ -319,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", help="comma-separated real llama-server URLs instead of simulated ones")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model", default=SIM_MODEL, help="the model name requests ask for (real backends: theirs)")
+    parser.add_argument(
+        "--calibrated", action="store_true",
+        help="real backends: offer loads of the calibrated capacity instead of measuring their speed first",
+    )  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.backends:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from llamacpp_ha.sim._text import render_chat, tokenize
 
-__all__ = ["CALIBRATION", "Session", "Trace", "make_trace"]
+__all__ = ["CALIBRATION", "DECODE_CONCURRENCY_EXPONENT", "Session", "Trace", "make_trace", "words"]
 
 # llama-server on 2 CPU cores, 200M-parameter model (shared/calibration.md).
 CALIBRATION = {"prefill_tokens_per_s": 360.0, "decode_tokens_per_s": 51.0, "prefill_slows_decode": 2.0}
+DECODE_CONCURRENCY_EXPONENT = 0.45
+"""Streams decoding at once on one backend each run at ``n ** -0.45`` of one alone (as the simulator)."""
 
 _WORDS = [
     "itinerary",
@@ -47,7 +49,7 @@ _WORDS = [
 ]
 
 
-def _words(rng: random.Random, count: int) -> str:
+def words(rng: random.Random, count: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(count))
 
 
@@ -106,15 +108,17 @@ def make_trace(
     max_tokens: int = 40,
     one_shot_share: float = 0.3,
     think_mean_s: float = 4.0,
+    speed: Mapping[str, float] = CALIBRATION,
 ) -> Trace:
     """Sessions arriving as a Poisson process at ``load`` times the fleet's capacity.
 
     Capacity is what the fleet serves when each prompt is processed only past the prefix an ideal
     router finds in cache (the oracle below): the same unit for every strategy. The capacity with
-    every prompt processed cold is reported beside it.
+    every prompt processed cold is reported beside it. ``speed``: the backends' rates, as in
+    :data:`CALIBRATION` (real backends: measured, see ``bench.speed``).
     """
     rng = random.Random(seed)
-    systems = [f"Tenant {t} policy. " + _words(rng, system_words) for t in range(tenants)]
+    systems = [f"Tenant {t} policy. " + words(rng, system_words) for t in range(tenants)]
 
     def new_session(index: int) -> Session:
         turns = 1 if rng.random() < one_shot_share else rng.randint(2, 5)
@@ -123,8 +127,8 @@ def make_trace(
             start_s=0.0,
             tenant=tenant,
             system=systems[tenant],
-            user_messages=[f"Session {index}, question {i}: " + _words(rng, user_words) for i in range(turns)],
-            replies=[_words(rng, reply_words) for _ in range(turns)],
+            user_messages=[f"Session {index}, question {i}: " + words(rng, user_words) for i in range(turns)],
+            replies=[words(rng, reply_words) for _ in range(turns)],
             think_s=[rng.expovariate(1 / think_mean_s) for _ in range(turns)],
             max_tokens=max_tokens,
         )
@@ -132,8 +136,8 @@ def make_trace(
     def service_s(prompt_tokens: int) -> float:
         # One request's time on its backend: the prefill rate is shared by the backend's slots,
         # decoding runs slots-wide at the calibrated per-stream speed.
-        decode_rate = slots * CALIBRATION["decode_tokens_per_s"] / math.pow(slots, 0.45)
-        return prompt_tokens / CALIBRATION["prefill_tokens_per_s"] + max_tokens / decode_rate
+        decode_rate = slots * speed["decode_tokens_per_s"] / math.pow(slots, DECODE_CONCURRENCY_EXPONENT)
+        return prompt_tokens / speed["prefill_tokens_per_s"] + max_tokens / decode_rate
 
     sample = [new_session(i) for i in range(300)]
     lengths = list(_oracle(sample))

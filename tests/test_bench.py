@@ -21,6 +21,31 @@ def test_fleet_benchmark_runs(tmp_path: Path) -> None:
     assert (tmp_path / "fleet.png").stat().st_size > 1000
 
 
+def test_fleet_benchmark_offers_real_backends_loads_of_their_measured_speed(tmp_path: Path) -> None:
+    from bench.workload import CALIBRATION, make_trace
+    from llamacpp_ha.sim import SimProcess
+
+    # A backend 20x as fast as the calibration (standing in for a real llama-server on a faster
+    # machine): "80%" offers it 20x the calibrated requests/s.
+    fast = {"prefill_tokens_per_s": CALIBRATION["prefill_tokens_per_s"] * 20,
+            "decode_tokens_per_s": CALIBRATION["decode_tokens_per_s"] * 20}  # fmt: skip
+    with SimProcess(
+        slots=2, n_ctx=16384, prefill_tokens_per_s=fast["prefill_tokens_per_s"],
+        decode_tokens_per_s=fast["decode_tokens_per_s"], prefill_slows_decode=CALIBRATION["prefill_slows_decode"],
+    ) as sim:  # fmt: skip
+        argv = ["--backends", sim.url, "--loads", "0.8", "--strategies", "affinity", "--duration", "1.5",
+                "--slots", "2", "--output-dir", str(tmp_path)]  # fmt: skip
+        assert fleet.main(argv) == 0
+    result = json.loads((tmp_path / "fleet.json").read_text())
+    measured = result["settings"]["measured_speed"]
+    assert measured["prefill_tokens_per_s"] == pytest.approx(fast["prefill_tokens_per_s"], rel=0.3)
+    assert measured["decode_tokens_per_s"] == pytest.approx(fast["decode_tokens_per_s"], rel=0.3)
+    assert result["cells"][0]["requests"] > 0
+    calibrated = make_trace(load=0.8, duration_s=10, backends=1, slots=2)
+    scaled = make_trace(load=0.8, duration_s=10, backends=1, slots=2, speed={**CALIBRATION, **fast})
+    assert scaled.requests_per_s == pytest.approx(20 * calibrated.requests_per_s)
+
+
 def test_overhead_benchmark_runs(tmp_path: Path) -> None:
     output = tmp_path / "overhead.json"
     assert overhead.main(["--requests", "20", "--warmup", "2", "--quiet", "--output", str(output)]) == 0
