@@ -6,8 +6,8 @@
 
 (the second against real llama-servers, in real time; they keep their caches from cell to cell,
 so run one strategy per fresh fleet. Their speed is measured first, every slot busy at once, and
-loads are shares of the capacity that gives, not of the calibration's; ``--calibrated`` keeps
-the calibration's).
+loads are shares of the capacity that gives, not of the calibration's; ``--rates`` replays a
+measuring run's trace, ``--calibrated`` keeps the calibration's).
 
 Each (load, strategy) cell starts a fresh fleet (empty caches), replays the same seeded trace
 (multi-turn sessions with think time, tenants with long system prompts, one-shots; Poisson
@@ -280,13 +280,17 @@ async def main_async(args: argparse.Namespace) -> list[Cell]:
     total = len(loads) * len(strategies)
     started = time.monotonic()
     speed: Mapping[str, float] = CALIBRATION
-    if args.backends and not args.calibrated:
+    if args.rates:
+        prefill, decode = (float(x) for x in args.rates.split(","))
+        speed = {**CALIBRATION, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode}
+    elif args.backends and not args.calibrated:
         speed = await measure_speed(args.backends.split(","), args.model, args.slots)
         args.measured_speed = dict(speed)  # (written with the results)
         print(
             f"backends measured with every slot busy: prefill {speed['prefill_tokens_per_s']:.0f} tokens/s, decode "
             f"{speed['decode_tokens_per_s']:.1f} tokens/s (calibration: {CALIBRATION['prefill_tokens_per_s']:.0f} and "
-            f"{CALIBRATION['decode_tokens_per_s']:.1f}); loads are shares of their capacity",
+            f"{CALIBRATION['decode_tokens_per_s']:.1f}); loads are shares of their capacity (to offer another run "
+            f"the same trace: --rates {speed['prefill_tokens_per_s']:.0f},{speed['decode_tokens_per_s']:.1f})",
             flush=True,
         )
     for load in loads:
@@ -335,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calibrated", action="store_true",
         help="real backends: offer loads of the calibrated capacity instead of measuring their speed first",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rates", metavar="PREFILL,DECODE",
+        help="the backends' prefill and per-stream decode tokens/s, as a measuring run printed them: "
+        "runs compared side by side then replay the same trace",
     )  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -36,11 +36,15 @@ def test_fleet_benchmark_offers_real_backends_loads_of_their_measured_speed(tmp_
         argv = ["--backends", sim.url, "--loads", "0.8", "--strategies", "affinity", "--duration", "1.5",
                 "--slots", "2", "--output-dir", str(tmp_path)]  # fmt: skip
         assert fleet.main(argv) == 0
-    result = json.loads((tmp_path / "fleet.json").read_text())
-    measured = result["settings"]["measured_speed"]
+        result = json.loads((tmp_path / "fleet.json").read_text())
+        measured = result["settings"]["measured_speed"]
+        rates = f"{measured['prefill_tokens_per_s']},{measured['decode_tokens_per_s']}"
+        assert fleet.main([*argv, "--rates", rates, "--output-dir", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "fleet.json").read_text())
     assert measured["prefill_tokens_per_s"] == pytest.approx(fast["prefill_tokens_per_s"], rel=0.3)
     assert measured["decode_tokens_per_s"] == pytest.approx(fast["decode_tokens_per_s"], rel=0.3)
     assert result["cells"][0]["requests"] > 0
+    assert again["cells"][0]["requests"] == result["cells"][0]["requests"], "--rates replays the same trace"
     calibrated = make_trace(load=0.8, duration_s=10, backends=1, slots=2)
     scaled = make_trace(load=0.8, duration_s=10, backends=1, slots=2, speed={**CALIBRATION, **fast})
     assert scaled.requests_per_s == pytest.approx(20 * calibrated.requests_per_s)
