@@ -30,6 +30,8 @@ _MIN_SAVING_S = 0.02
 """Waiting for a busy backend must promise at least this much, or it is not worth the bookkeeping."""
 
 
+_WAIT_RISK_SLOTS = 4.0
+"""A wait for a busy backend must save ``1 + this / its slots`` times the predicted wait."""
 _OWN_WORK_AGAIN = 1.0
 """How many times more a request's own uncached prefill counts, for the requests it delays."""
 _WAIT_ALPHA = 0.05
@@ -587,25 +589,36 @@ class Scheduler:
         running request whose slot will hold more of it when it finishes. Returns the option, the
         running request's id (or None), the predicted saving and the predicted wait."""
         plans: list[tuple[float, _Option, int | None, float, float]] = []
-        # A wait predicted longer than the patience cap ends before it pays off: not a plan.
-        cap = self.settings.patience_max_s
         held = self._deepest_busy_holder(waiter, best, now)
         if held is not None and not self._common(waiter, held):
             saving_s = best.score - held.score
             wait_s = self._slot_wait_s(held.backend)
-            if wait_s <= cap:
+            if self._worth_waiting(held.backend, saving_s, wait_s):
                 plans.append((saving_s - wait_s, held, None, saving_s, wait_s))
         running = self._running_holder(waiter, best, now)
         if running is not None and not self._common(waiter, running[1]):
             lease, option = running
             saving_s = best.score - option.score
             remaining_s = max(0.0, self.cost.service_s(lease.backend) - (now - lease.acquired_at))
-            if remaining_s <= cap:
+            if self._worth_waiting(lease.backend, saving_s, remaining_s):
                 plans.append((saving_s - remaining_s, option, id(lease), saving_s, remaining_s))
         if not plans:
             return None
         gain, option, behind, saving_s, wait_s = max(plans, key=lambda plan: plan[0])
         return (option, behind, saving_s, wait_s) if gain >= _MIN_SAVING_S else None
+
+    def _worth_waiting(self, backend: Backend, saving_s: float, wait_s: float) -> bool:
+        """Whether a predicted wait for a slot of the backend is worth its predicted saving.
+
+        A wait longer than the patience cap ends before it pays off. And it must save
+        ``1 + 4 / slots`` times its length: with few slots a wait overruns its prediction by far
+        whenever a long request holds one (2 slots, ``bench.fleet``: waits behind a running
+        request took a median 2x their prediction, 85x at p90), and the overruns made the tail,
+        1.6-2x ``least_busy``'s there; with dozens of slots one frees soon whatever any single
+        request does, and waits that only just pay are what keeps a shared prompt's prefill in hand.
+        """
+        margin = 1 + _WAIT_RISK_SLOTS / max(1, backend.capacity)
+        return wait_s <= self.settings.patience_max_s and saving_s >= margin * wait_s
 
     def _slot_wait_s(self, backend: Backend) -> float:
         """Predicted wait for a slot of a busy backend, behind the requests already waiting for it."""

@@ -529,12 +529,34 @@ async def test_a_wait_predicted_longer_than_the_patience_cap_is_not_begun() -> N
     release_all(made)
 
 
+@pytest.mark.parametrize(("slots", "waits"), [(2, False), (48, True)])
+async def test_a_wait_for_one_of_few_slots_must_save_several_times_its_length(slots: int, waits: bool) -> None:
+    # Waiting saves twice its predicted length. With 2 slots a wait overruns its prediction by far
+    # whenever a long request holds one: the free backend serves it now. With 48, one frees soon.
+    made = balancer(slots, slots, patience_max_s=20.0)
+    fillers = [submit(made, prompt(10 + i, 1), excluded=frozenset({"b1"})) for i in range(slots)]
+    assert all(granted(f) == "b0" for f in fillers)
+    for filler in fillers:
+        filler.grant.result().touch()  # answering already: no prefill left
+    shape = prompt(1, 40)  # 5,145 tokens, 5,120 of them held on b0: 10.2 s saved, counting the delay to others
+    seed(made, "b0", shape)
+    made.backend("b0").service_s = 5.1 * slots  # a slot frees in about 5.1 s
+    entry = submit(made, shape)
+    if waits:
+        assert entry.parked_on == "b0"
+        assert entry.predicted_wait_s == pytest.approx(5.1)
+    else:
+        assert granted(entry) == "b1"
+    release_all(made)
+
+
 async def test_a_copy_in_use_is_not_a_cache_hit_the_request_waits_for_it() -> None:
     # llama-server caches per slot: while one request with the prefix runs in the slot holding it,
     # a second one sent there fills another slot and processes it all. It waits for the first.
     made = balancer(4, 4, patience_max_s=20.0)
     shape = prompt(1, 40)  # 5,145 tokens, 5,120 of them cached on b1
     seed(made, "b1", shape)
+    made.backend("b1").service_s = 2.0  # the first ends soon
     first = submit(made, shape)
     assert granted(first) == "b1"
     assert first.grant.result().expected_cached_tokens == 5_120
@@ -607,6 +629,8 @@ async def test_a_slot_reused_at_once_is_never_saved_to_ram_so_the_next_request_w
     earlier.grant.result().release()
     first = submit(made, prompt(1, 41))  # takes the idle slot before any other task starts there
     assert granted(first) == home
+    assert home is not None
+    made.backend(home).service_s = 2.0  # the first ends soon
     second = submit(made, prompt(1, 42))
     assert second.state is WaiterState.PARKED, "no copy in RAM: it waits for the first"
     release_all(made)
