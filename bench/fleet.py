@@ -37,7 +37,7 @@ from llamacpp_ha.sim import SimProcess, free_ports
 
 from .speed import measure_speed
 from .strategies import STRATEGIES, Strategy, make_strategy
-from .workload import CALIBRATION, Session, Trace, make_trace
+from .workload import CALIBRATION, Session, Trace, calibration_with, make_trace
 
 RESULTS = Path(__file__).parent / "results"
 SIM_MODEL = "tiny-random-llama"
@@ -282,7 +282,7 @@ async def main_async(args: argparse.Namespace) -> list[Cell]:
     speed: Mapping[str, float] = CALIBRATION
     if args.rates:
         prefill, decode = (float(x) for x in args.rates.split(","))
-        speed = {**CALIBRATION, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode}
+        speed = calibration_with(prefill, decode)
     elif args.backends and not args.calibrated:
         speed = await measure_speed(args.backends.split(","), args.model, args.slots)
         args.measured_speed = dict(speed)  # (written with the results)

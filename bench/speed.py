@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx2
 
-from .workload import CALIBRATION, DECODE_CONCURRENCY_EXPONENT, words
+from .workload import DECODE_CONCURRENCY_EXPONENT, calibration_with, words
 
 __all__ = ["measure_speed"]
 
@@ -57,8 +57,7 @@ async def measure_speed(
             )
             prefill.append(statistics.fmean(_prefill_rate(timings) for timings in per_backend))
             decode.append(statistics.fmean(_decode_rate(timings, slots) for timings in per_backend))
-    rates = {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode)}
-    return {**CALIBRATION, **rates}
+    return calibration_with(statistics.median(prefill), statistics.median(decode))
 
 
 def _prefill_rate(timings: list[dict[str, Any]]) -> float:

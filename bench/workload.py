@@ -14,12 +14,18 @@ from typing import Any
 
 from llamacpp_ha.sim._text import render_chat, tokenize
 
-__all__ = ["CALIBRATION", "DECODE_CONCURRENCY_EXPONENT", "Session", "Trace", "make_trace", "words"]
+__all__ = ["CALIBRATION", "DECODE_CONCURRENCY_EXPONENT", "Session", "Trace", "calibration_with", "make_trace", "words"]
 
 # llama-server on 2 CPU cores, 200M-parameter model (shared/calibration.md).
 CALIBRATION = {"prefill_tokens_per_s": 360.0, "decode_tokens_per_s": 51.0, "prefill_slows_decode": 2.0}
 DECODE_CONCURRENCY_EXPONENT = 0.45
 """Streams decoding at once on one backend each run at ``n ** -0.45`` of one alone (as the simulator)."""
+
+
+def calibration_with(prefill_tokens_per_s: float, decode_tokens_per_s: float) -> dict[str, float]:
+    """The calibration with other backends' rates in place (measured, see ``bench.speed``)."""
+    return {**CALIBRATION, "prefill_tokens_per_s": prefill_tokens_per_s, "decode_tokens_per_s": decode_tokens_per_s}
+
 
 _WORDS = [
     "itinerary",
