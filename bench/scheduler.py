@@ -5,7 +5,9 @@
 Every backend is full and requests wait; each measured decision is one slot given back, which
 grants it through the scheduler and the (default) cost-aware policy: each request carries the
 prompt blocks of one of 2,000 conversations (4 to 64 blocks), so the prefix index is populated,
-holders are looked up and some requests park for the backend holding their prefix.
+holders are looked up and some requests park for the backend holding their prefix. Requests
+arrive as ``Balancer.acquire`` queues them (a dispatch, then ``Scheduler.queued``, which parks a
+request whose prefix a busy backend holds), and that arrival is timed too.
 Also: decision time as the queue grows, memory per waiting request, and the package's import time.
 """
 
@@ -21,13 +23,14 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llamacpp_ha import BackendConfig, BackendState, Balancer, BalancerConfig
 from llamacpp_ha._leases import Lease
 from llamacpp_ha._prompt import PromptShape
-from llamacpp_ha._queue import Grant, Waiter
+from llamacpp_ha._queue import Grant, Waiter, WaiterState
 
 RESULTS = Path(__file__).parent / "results"
 SLOTS = 4
@@ -54,10 +57,23 @@ def prompt(rng: random.Random) -> PromptShape:
 
 
 def enqueue(balancer: Balancer, count: int, rng: random.Random) -> None:
+    """Queue requests without a decision each (the first fill, and the memory measurement)."""
     now = time.monotonic()
     for _ in range(count):
         waiter = Waiter(balancer.queue.next_seq(), "model", Grant(), now, prompt=prompt(rng))
         balancer.queue.push(waiter)
+
+
+def arrive(balancer: Balancer, rng: random.Random) -> tuple[float, bool]:
+    """A request arriving at a full fleet, queued as ``Balancer.acquire`` queues it: the time it
+    took, and whether it was parked for a busy backend holding its prefix."""
+    waiter = Waiter(balancer.queue.next_seq(), "model", Grant(), time.monotonic(), prompt=prompt(rng))
+    started = time.perf_counter()
+    balancer.queue.push(waiter)
+    balancer.scheduler.dispatch()
+    if not waiter.grant.done():
+        balancer.scheduler.queued(waiter)
+    return time.perf_counter() - started, waiter.state is WaiterState.PARKED
 
 
 def answering(balancer: Balancer, before: set[Lease]) -> list[Lease]:
@@ -72,17 +88,30 @@ def answering(balancer: Balancer, before: set[Lease]) -> list[Lease]:
     return granted
 
 
-def decision_times(balancer: Balancer, decisions: int, rng: random.Random) -> list[float]:
+@dataclass
+class Timings:
+    decisions: list[float] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    parked_on_arrival: int = 0
+
+
+def run(balancer: Balancer, rounds: int, rng: random.Random) -> Timings:
+    """Rounds of one slot given back and one request arriving, so the queue keeps its length."""
     leases: list[Lease] = list(balancer.scheduler.leases)
-    times = []
-    for _ in range(decisions):
+    timings = Timings()
+    for _ in range(rounds):
         lease = leases.pop(rng.randrange(len(leases)))
         before = set(balancer.scheduler.leases)
         started = time.perf_counter()
         lease.release()  # gives the slot back and grants it to the oldest waiter
-        times.append(time.perf_counter() - started)
+        timings.decisions.append(time.perf_counter() - started)
         leases += answering(balancer, before)
-    return times
+        before = set(balancer.scheduler.leases)
+        took, parked = arrive(balancer, rng)
+        timings.arrivals.append(took)
+        timings.parked_on_arrival += parked
+        leases += answering(balancer, before)
+    return timings
 
 
 async def measure(backends: int, waiting: int, decisions: int) -> dict[str, float]:
@@ -91,17 +120,26 @@ async def measure(backends: int, waiting: int, decisions: int) -> dict[str, floa
     enqueue(balancer, backends * SLOTS, rng)  # fills every slot
     balancer.scheduler.dispatch()
     answering(balancer, set())
-    enqueue(balancer, waiting + decisions, rng)
-    times = decision_times(balancer, decisions, rng)
+    enqueue(balancer, waiting, rng)
+    run(balancer, decisions, rng)  # the prefix index fills and requests park as they would in a running fleet
+    timings = run(balancer, decisions, rng)
+    times = timings.decisions
     # A release may grant nothing (its waiters are parked elsewhere) or more than one (a slot left
     # free earlier): the queue ends near, not exactly at, the starting length.
     return {
         "backends": backends,
         "waiting": len(balancer.queue),
         "p50_us": statistics.median(times) * 1e6,
-        "p99_us": sorted(times)[int(0.99 * len(times))] * 1e6,
+        "p99_us": _p99(times) * 1e6,
         "decisions_per_s": len(times) / sum(times),
+        "arrival_p50_us": statistics.median(timings.arrivals) * 1e6,
+        "arrival_p99_us": _p99(timings.arrivals) * 1e6,
+        "parked_on_arrival": timings.parked_on_arrival / decisions,
     }
+
+
+def _p99(times: list[float]) -> float:
+    return sorted(times)[int(0.99 * len(times))]
 
 
 async def memory_per_waiter(count: int) -> float:
@@ -139,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         results["by_backends"].append(row)
         print(
             f"{backends:>5} backends, {args.waiting} waiting: p50 {row['p50_us']:6.1f} us, "
-            f"p99 {row['p99_us']:6.1f} us, {row['decisions_per_s']:9.0f} decisions/s",
+            f"p99 {row['p99_us']:6.1f} us, {row['decisions_per_s']:9.0f} decisions/s; arrival p50 "
+            f"{row['arrival_p50_us']:5.1f} us, p99 {row['arrival_p99_us']:6.1f} us, "
+            f"{row['parked_on_arrival']:.0%} parked on arrival",
             flush=True,
         )
     middle = sorted(int(b) for b in args.backends.split(","))[len(args.backends.split(",")) // 2]

@@ -63,6 +63,9 @@ def test_scheduler_benchmark_runs(tmp_path: Path) -> None:
     assert scheduler.main(["--backends", "2,5", "--waiting", "50", "--decisions", "20", "--output", str(output)]) == 0
     result = json.loads(output.read_text())
     assert [row["backends"] for row in result["by_backends"]] == [2, 5]
+    # Arrivals are timed beside releases, and as many arrive as slots are given back: the queue keeps its length.
+    assert all(row["arrival_p50_us"] > 0 for row in result["by_backends"])
+    assert all(40 <= row["waiting"] <= 60 for row in result["by_backends"])
     assert result["import_time_ms"] > 0
 
 
