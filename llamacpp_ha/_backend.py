@@ -237,7 +237,9 @@ class Backend:
         any free slot of a loaded one is better."""
         if self._state is BackendState.UNLOADED:
             return 1.0
-        return (self.in_flight + self.external + self.shared_others) / self.capacity if self.capacity else 1.0
+        # (The fields, not their properties: a dispatch over hundreds of free backends sorts by this.)
+        capacity = self.capacity
+        return (self._in_flight + self._external + self._shared_others) / capacity if capacity else 1.0
 
     @property
     def runs_model(self) -> bool:

@@ -225,12 +225,19 @@ class PrefixIndex:
             self._touch_slot(entry, blocks[0])
         if blocks and ram_cache:
             entry.idle.add(blocks[0])
+        # The hottest loop of a release (a prompt is 4-64 blocks): names bound once.
+        move_to_end = held.move_to_end
+        all_holders = self._holders
         for block in reversed(blocks):
             if block in held:
-                held.move_to_end(block)
+                move_to_end(block)
             else:
                 held[block] = None
-                self._holders.setdefault(block, set()).add(backend)
+                holders = all_holders.get(block)
+                if holders is None:
+                    all_holders[block] = {backend}
+                else:
+                    holders.add(backend)
         if end is not None:
             position, mark = end
             if mark in entry.ends:

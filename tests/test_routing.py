@@ -515,6 +515,38 @@ async def test_with_many_backends_free_a_freed_slot_still_picks_the_request_park
     release_all(made)
 
 
+async def test_a_request_arriving_at_a_large_full_fleet_still_waits_for_the_backend_with_its_prefix() -> None:
+    # Arriving with every slot busy, a request is priced cold on a sample of the fleet turning with
+    # each arrival (an arrival cost O(backends) before), and still parks for its prefix's backend.
+    made = balancer(*[1] * 40)
+    for backend in made.backends[:10]:
+        backend.set_models(("other.gguf",))
+    fillers = [submit(made, prompt(100 + i, 1)) for i in range(30)]
+    for i in range(10):
+        other = Waiter(made.queue.next_seq(), "other", Grant(), time.monotonic(), prompt=prompt(200 + i, 1))
+        made.queue.push(other)
+        made.scheduler.dispatch()
+        fillers.append(other)
+    for filler in fillers:
+        filler.grant.result().touch()  # answering: nothing left to prefill
+    assert not made.scheduler._with_free_slots
+    made.backend("b39").service_s = 0.5
+    shape = prompt(1, 200)  # 25.6 s of prefill anywhere else
+    seed(made, "b39", shape)
+    entry = waiter(made, shape)
+    made.queue.push(entry)  # as Balancer.acquire queues a request
+    made.scheduler.dispatch()
+    made.scheduler.queued(entry)
+    assert entry.parked_on == "b39"
+    samples = [made.scheduler._cold_sample(entry) for _ in range(3)]
+    assert all(len(sample) == 16 for sample in samples)
+    assert all(backend.serves("model") for sample in samples for backend in sample)
+    assert len({backend.name for sample in samples for backend in sample}) == 30, "the sample turns over the fleet"
+    next(f for f in fillers if granted(f) == "b39").grant.result().release()
+    assert granted(entry) == "b39"
+    release_all(made)
+
+
 async def test_a_wait_predicted_longer_than_the_patience_cap_is_not_begun() -> None:
     made = balancer(1, 1, patience_max_s=3.0)
     shape = prompt(1, 200)  # 25.6 s of prefill anywhere else: waiting would save a lot
