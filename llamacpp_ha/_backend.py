@@ -104,6 +104,8 @@ class Backend:
         self.model_ids: tuple[str, ...] = tuple(config.models or ())
         self._names: frozenset[str] = frozenset(self._names_for(self.model_ids, ()))
         self.models_known = config.models is not None
+        self.models_changes = 0
+        """How many times the models it serves changed (the scheduler's homes follow them)."""
         self.last_poll: float | None = None
         self.polled = False
         """At least one poll finished (whatever it found)."""
@@ -267,7 +269,10 @@ class Backend:
         if self.config.models is not None:
             return
         self.model_ids = ids
-        self._names = frozenset(self._names_for(ids, aliases))
+        names = frozenset(self._names_for(ids, aliases))
+        if names != self._names:
+            self.models_changes += 1
+        self._names = names
         self.models_known = True
 
     def set_state(self, state: BackendState, reason: str) -> None:

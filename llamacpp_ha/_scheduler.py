@@ -160,8 +160,11 @@ class Scheduler:
         self.shared: SharedFleet | None = None
         """Set in shared mode: told of releases, newly cached prompts and pins, for the peers."""
         self._generations = {backend.name: backend.generation for backend in backends}
-        self._homes: dict[bytes, Backend] = {}
-        """First block -> home backend (see :meth:`_home`)."""
+        self._homes: dict[tuple[bytes, str | None], Backend] = {}
+        """(First block, model) -> home backend (see :meth:`_home`)."""
+        self._serving: dict[str | None, list[Backend]] = {}
+        """Model -> the backends serving it, in fleet order: the homes of its prompts."""
+        self._models_changes = 0
         self._with_free_slots: set[Backend] = set()
         for position, backend in enumerate(backends):
             self._watch(backend, position)
@@ -197,7 +200,7 @@ class Scheduler:
         self._watch(backend, len(self._by_name))
         self._by_name[backend.name] = backend
         self._generations[backend.name] = backend.generation
-        self._homes.clear()  # a new backend may be the home of some prompts
+        self._forget_homes()  # a new backend may be the home of some prompts
 
     def backends_changed(self) -> None:
         """A poll finished: forget the caches of restarted backends, resize the index, dispatch."""
@@ -209,7 +212,15 @@ class Scheduler:
             self.index.set_slots(backend.name, backend.capacity)
             if not backend.routable:
                 self._queue.unpark_all(backend.name)
+        models_changes = sum(backend.models_changes for backend in self._backends)
+        if models_changes != self._models_changes:
+            self._models_changes = models_changes
+            self._forget_homes()
         self.dispatch()
+
+    def _forget_homes(self) -> None:
+        self._homes.clear()
+        self._serving.clear()
 
     def _ceiling_blocks(self, backend: Backend) -> int:
         """What a backend can hold: one prompt per slot (at most its context), plus its RAM cache."""
@@ -358,7 +369,7 @@ class Scheduler:
             holding = self.index.holders(prompt.blocks[0]) | self.index.end_holders(prompt.marks, 0)
             for name in itertools.islice(holding, _MAX_PRICED):
                 consider(self._by_name.get(name))
-            consider(self._home_of(prompt.blocks[0]))
+            consider(self._home_of(prompt.blocks[0], waiter.model))
         if waiter.pin is not None:
             pinned = self._affinity.get(waiter.pin)
             consider(self._by_name.get(pinned) if pinned is not None else None)
@@ -676,25 +687,31 @@ class Scheduler:
         return lease, option
 
     def _home(self, waiter: Waiter, options: list[_Option], best: _Option) -> _Option:
-        """A prompt cached nowhere goes to its home backend (rendezvous hash of its first block)
+        """A prompt cached nowhere goes to its home backend (a consistent hash of its first block)
         when that costs about as much as the best: prompts that share a beginning then gather on
         one backend instead of being copied to all, so the fleet's caches hold more distinct
         prompts. The cost margin keeps a popular beginning from making its home a hot spot."""
-        home = self._home_of(waiter.prompt.blocks[0])
+        home = self._home_of(waiter.prompt.blocks[0], waiter.model)
         for option in options:
             if option.backend is home and option.score <= best.score * (1 + _HOME_MARGIN) + _TIE_S:
                 return option
         return best
 
-    def _home_of(self, first_block: bytes) -> Backend:
-        """The backend a prompt beginning with this block gathers on, cached (see :func:`_jump`)."""
-        home = self._homes.get(first_block)
+    def _home_of(self, first_block: bytes, model: str | None) -> Backend:
+        """The backend a prompt beginning with this block gathers on, among those serving its model
+        (in a fleet of two models a home over all backends was one that cannot serve the prompt
+        half the time, and those prompts had none); cached (see :func:`_jump`)."""
+        home = self._homes.get((first_block, model))
         if home is None:
             if len(self._homes) >= _HOMES_CACHED:
                 self._homes.clear()
+            serving = self._serving.get(model)
+            if serving is None:
+                serving = [b for b in self._backends if b.serves(model)] or list(self._backends)
+                self._serving[model] = serving
             key = int.from_bytes(hashlib.blake2b(first_block, digest_size=8).digest(), "little")
-            home = self._backends[_jump(key, len(self._backends))]
-            self._homes[first_block] = home
+            home = serving[_jump(key, len(serving))]
+            self._homes[(first_block, model)] = home
         return home
 
     def _cheapest(self, options: list[_Option]) -> _Option:

@@ -257,8 +257,25 @@ def test_homes_spread_evenly_and_a_backend_added_takes_keys_from_the_others_only
 
 def test_prompts_cached_nowhere_have_homes_on_every_backend() -> None:
     made = balancer(*[1] * 8)
-    homes = {made.scheduler._home_of(prompt(conversation, 1).blocks[0]).name for conversation in range(400)}
+    homes = {made.scheduler._home_of(prompt(conversation, 1).blocks[0], "model").name for conversation in range(400)}
     assert homes == {backend.name for backend in made.backends}
+
+
+def test_in_a_fleet_of_two_models_a_prompts_home_serves_its_model() -> None:
+    made = balancer(*[1] * 8)
+    for backend in made.backends[:3]:
+        backend.set_models(("other.gguf",))
+    made.scheduler.backends_changed()
+
+    def homes(model: str) -> set[str]:
+        return {made.scheduler._home_of(prompt(c, 1).blocks[0], model).name for c in range(400)}
+
+    assert homes("other") == {"b0", "b1", "b2"}
+    assert homes("model") == {"b3", "b4", "b5", "b6", "b7"}
+    made.backend("b7").set_models(("other.gguf",))  # a poll finds it serves the other model now
+    made.scheduler.backends_changed()
+    assert homes("other") == {"b0", "b1", "b2", "b7"}
+    assert homes("model") == {"b3", "b4", "b5", "b6"}
 
 
 def test_timings_are_read_from_the_tail_of_a_body() -> None:
