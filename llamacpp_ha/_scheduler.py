@@ -163,7 +163,7 @@ class Scheduler:
         self._homes: dict[tuple[bytes, str | None], Backend] = {}
         """(First block, model) -> home backend (see :meth:`_home`)."""
         self._serving: dict[str | None, list[Backend]] = {}
-        """Model -> the backends serving it, in fleet order: the homes of its prompts."""
+        """Model -> the backends serving it, in fleet order (see :meth:`_serving_backends`)."""
         self._models_changes = 0
         self._with_free_slots: set[Backend] = set()
         for position, backend in enumerate(backends):
@@ -477,23 +477,18 @@ class Scheduler:
         self._park(waiter, held.backend.name, held.held_bytes, None, now, wait_s, behind=behind)
 
     def _cold_sample(self, waiter: Waiter) -> list[Backend]:
-        """The backends to price the waiter cold on, for what not waiting would cost: every one that
-        serves its model, or in a fleet of more than ``_MAX_PRICED``, that many from a start that
-        turns with each call. Pricing the whole fleet made each arrival at a full fleet cost
-        O(backends) (0.35 ms at 200 backends, 2-4 ms at 1,000: ``bench.scheduler``); a sample of
-        busy backends finds one as cheap as the cheapest but for the few busy prefilling."""
-        backends = self._backends
-        if len(backends) <= _MAX_PRICED:
-            return [b for b in backends if b.routable and b.serves(waiter.model)]
-        sample: list[Backend] = []
-        start = self._cold_turn % len(backends)
-        self._cold_turn += _MAX_PRICED
-        for backend in itertools.chain(itertools.islice(backends, start, None), itertools.islice(backends, start)):
-            if backend.routable and backend.serves(waiter.model):
-                sample.append(backend)
-                if len(sample) == _MAX_PRICED:
-                    break
-        return sample
+        """The backends to price the waiter cold on, for what not waiting would cost: every routable
+        one serving its model, or past ``_MAX_PRICED`` of them, that many from a start that turns
+        with each call. Pricing the whole fleet made each arrival at a full fleet cost O(backends)
+        (0.35 ms at 200 backends, 2 ms at 1,000: ``bench.scheduler``); a sample of busy backends
+        finds one as cheap as the cheapest but for the few busy prefilling."""
+        serving = self._serving_backends(waiter.model)
+        start = 0
+        if len(serving) > _MAX_PRICED:
+            start = self._cold_turn % len(serving)
+            self._cold_turn += _MAX_PRICED
+        turned = itertools.chain(itertools.islice(serving, start, None), itertools.islice(serving, start))
+        return list(itertools.islice((b for b in turned if b.routable), _MAX_PRICED))
 
     def _squeeze_in(self, waiter: Waiter, now: float) -> bool:
         """A request whose uncached prefill is short goes to a backend its backlog closed, if one has
@@ -573,13 +568,9 @@ class Scheduler:
         blocks = waiter.prompt.blocks
         if not blocks:
             return None
-        copies = self.index.copies(backend.name, blocks[0])
-        if not copies:
+        if not self.index.copies(backend.name, blocks[0]) or self._copy_free(backend, blocks[0]):
             return None
-        users = self._copy_users(backend, blocks[0])
-        if copies > len(users) or self.index.saved(backend.name, blocks[0]):
-            return None  # a copy is free (see _copy_free)
-        return max(users, key=lambda lease: lease.acquired_at, default=None)
+        return max(self._copy_users(backend, blocks[0]), key=lambda lease: lease.acquired_at, default=None)
 
     def _decide(self, waiter: Waiter, candidates: list[Backend], now: float) -> Backend | None:
         """The free backend to grant now, or None when the waiter was parked for a busy one."""
@@ -705,14 +696,18 @@ class Scheduler:
         if home is None:
             if len(self._homes) >= _HOMES_CACHED:
                 self._homes.clear()
-            serving = self._serving.get(model)
-            if serving is None:
-                serving = [b for b in self._backends if b.serves(model)] or list(self._backends)
-                self._serving[model] = serving
+            serving = self._serving_backends(model) or self._backends
             key = int.from_bytes(hashlib.blake2b(first_block, digest_size=8).digest(), "little")
             home = serving[_jump(key, len(serving))]
             self._homes[(first_block, model)] = home
         return home
+
+    def _serving_backends(self, model: str | None) -> list[Backend]:
+        """The backends serving the model, in fleet order (until a poll finds models changed)."""
+        serving = self._serving.get(model)
+        if serving is None:
+            serving = self._serving[model] = [b for b in self._backends if b.serves(model)]
+        return serving
 
     def _cheapest(self, options: list[_Option]) -> _Option:
         """The lowest predicted prefill; near-ties go to the least busy backend, rotating."""
